@@ -1,0 +1,189 @@
+"""The Python API: `veil.load(model, scheme=…)` → `Model` with `generate`, `logits`, `cost`.
+
+A scheme is a function (cfg, weights, options) → Ops; `SCHEMES` is the table later schemes join.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import torch
+
+from veil.backends.plain import TorchOps
+from veil.errors import InputError, UnsupportedError
+from veil.model import zoo
+from veil.model.config import ModelConfig, load_config
+from veil.model.forward import forward
+from veil.model.generate import GenerationTrace, SamplingConfig, check_prompts, generate_ids, pad_batch
+from veil.model.tokenizer import Tokenizer
+from veil.model.weights import Weights, load_weights
+from veil.ops import Ops, Step, check_support
+
+SchemeBuilder = Callable[[ModelConfig, Weights, dict[str, Any]], Ops]
+
+
+def _plain(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
+    if options:
+        raise UnsupportedError(f"scheme 'plain' takes no options, got {sorted(options)}")
+    return TorchOps(cfg, weights)
+
+
+SCHEMES: dict[str, SchemeBuilder] = {"plain": _plain}
+
+Prompt = Union[str, Sequence[int]]
+
+
+def forward_flops(cfg: ModelConfig, new_tokens: int, context: int) -> int:
+    """Multiply-adds ×2 of a forward over `new_tokens` tokens attending to `context` keys."""
+    d, L = cfg.d_model, cfg.n_layers
+    n_in = 2 if cfg.mlp == "gated" else 1
+    projections = 2 * d * (cfg.q_dim + 2 * cfg.kv_dim) + 2 * cfg.q_dim * d
+    per_token = L * (projections + 2 * (n_in + 1) * d * cfg.d_ff) + 2 * d * cfg.vocab_size
+    attention = L * 4 * cfg.q_dim * context
+    return new_tokens * (per_token + attention)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one generation cost. Protected schemes extend this with bytes, rounds, per-side work."""
+
+    scheme: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    flops: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (f"[{self.scheme}] prompt {self.prompt_tokens} tok, prefill {self.prefill_s:.2f} s · "
+                f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s · "
+                f"{self.flops / 1e9:.2f} GFLOP")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One prompt's result: `text` (generated part only), generated `token_ids`, `cost`."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    cost: Cost
+
+
+class Model:
+    """A loaded model under one scheme."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, scheme: str, tokenizer: Tokenizer | None,
+                 source: str) -> None:
+        self.cfg, self.ops, self.scheme, self.tokenizer, self.source = cfg, ops, scheme, tokenizer, source
+
+    def __repr__(self) -> str:
+        return f"Model({self.source!r}, scheme={self.scheme!r}, layers={self.cfg.n_layers}, d={self.cfg.d_model})"
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError(f"{self.source} has no tokenizer: pass token ids, not text")
+            return self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
+        if chat:
+            raise InputError("chat=True needs a text prompt")
+        return [int(t) for t in prompt]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: Sequence[str] = (), chat: bool = False,
+                 stream: Callable[[str], None] | None = None) -> Any:
+        """Generate from one prompt (text or token ids) → `Generation`, or a list → list.
+
+        stream: called with each new piece of text as it is produced (single prompts only).
+        """
+        single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], int))
+        prompts = [prompt] if single else list(prompt)
+        if stream is not None and not single:
+            raise InputError("streaming works with one prompt at a time")
+        if stop and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer; this model has none")
+        s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, stop=tuple(stop))
+        ids = [self.encode(p, chat) for p in prompts]
+        shown = [""]
+
+        def stop_check(row: int, generated: list[int]) -> bool:
+            text = self.decode(generated)
+            return any(x in text for x in s.stop)
+
+        emitted: list[int] = []
+
+        def stream_token(row: int, tok: int) -> None:
+            emitted.append(tok)
+            text = self.decode(emitted)
+            # hold back a partial multi-byte character until its last byte arrives
+            if text.endswith("\ufffd"):
+                return
+            stream(text[len(shown[0]):])  # type: ignore[misc]
+            shown[0] = text
+
+        rows, trace = generate_ids(self.cfg, self.ops, ids, s,
+                                   stop_check=stop_check if s.stop else None,
+                                   on_token=stream_token if stream is not None else None)
+        out = []
+        for r, row in enumerate(rows):
+            text = self.decode(row.token_ids)
+            if row.finish_reason == "stop":
+                cut = min(text.find(x) for x in s.stop if x in text)
+                text = text[:cut]
+            out.append(Generation(text, row.token_ids, row.finish_reason,
+                                  self._cost(trace, len(ids[r]), len(row.token_ids))))
+        return out[0] if single else out
+
+    def _cost(self, trace: GenerationTrace, prompt_len: int, new: int) -> Cost:
+        flops = forward_flops(self.cfg, prompt_len, prompt_len)
+        flops += sum(forward_flops(self.cfg, 1, prompt_len + i + 1) for i in range(max(new - 1, 0)))
+        return Cost(self.scheme, prompt_len, new, trace.prefill_s, trace.decode_s, flops)
+
+    def logits(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+        """float32 logits (B, T, V) for token-id rows; shorter rows are left-padded (right-aligned)."""
+        rows = [[int(t) for t in r] for r in batch]
+        check_prompts(self.cfg, rows)
+        pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
+        ids, mask = pad_batch(rows, pad)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        key_valid = None if bool(mask.all()) else mask
+        cache = self.ops.new_cache(ids.shape[0], ids.shape[1])
+        with torch.inference_mode():
+            out = forward(self.cfg, self.ops, ids, Step(positions, key_valid, 0), cache)
+        return out.float()
+
+
+def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -> Model:
+    """Load a model (`"default"`, a tiny preset name, an HF folder or a .gguf) under a scheme."""
+    if scheme not in SCHEMES:
+        raise UnsupportedError(f"unknown scheme {scheme!r} (available: {', '.join(SCHEMES)})")
+    t0 = time.perf_counter()
+    where = zoo.resolve(model)
+    tokenizer = None
+    if isinstance(where, str):
+        cfg = zoo.preset(where)
+        weights = zoo.random_weights(cfg)
+        source = where
+    else:
+        cfg = load_config(where)
+        weights = load_weights(where, cfg)
+        tokenizer = Tokenizer(where) if Tokenizer.present(where) else None
+        source = str(model)
+    ops = SCHEMES[scheme](cfg, weights, dict(options))
+    check_support(ops, cfg)
+    m = Model(cfg, ops, scheme, tokenizer, source)
+    m.load_s = time.perf_counter() - t0
+    return m

@@ -1,0 +1,53 @@
+"""The one forward algorithm. It reads the model's variant knobs and calls `Ops`; it never touches
+torch, jax or ciphertexts itself, so every backend executes exactly this code.
+
+Decoder block (pre-norm, as in llama/qwen2/gpt2):
+    h = x + Wo · attention(rope(Wq·norm(x)), rope(Wk·norm(x)), Wv·norm(x))
+    y = h + Wdown · mlp(norm(h))      mlp(z) = act(Wgate z) ⊙ (Wup z)  |  act(Wup z)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from veil.model.config import ModelConfig
+from veil.ops import Ops, Step
+
+
+def block(cfg: ModelConfig, ops: Ops, i: int, x: Any, step: Step, cache: Any) -> Any:
+    """One decoder layer on x: (B, T, d) → (B, T, d)."""
+    p = f"layers.{i}"
+    h = ops.norm(x, f"{p}.attn_norm")
+    q = ops.linear(h, f"{p}.attn.q")                                      # (B, T, nh*hd)
+    k = ops.linear(h, f"{p}.attn.k")                                      # (B, T, nkv*hd)
+    v = ops.linear(h, f"{p}.attn.v")                                      # (B, T, nkv*hd)
+    if cfg.position == "rope":
+        q, k = ops.rope(q, k, step)
+    a = ops.attention(i, q, k, v, step, cache)                            # (B, T, nh*hd)
+    x = ops.add(x, ops.linear(a, f"{p}.attn.o"))                          # (B, T, d)
+
+    h = ops.norm(x, f"{p}.mlp_norm")
+    if cfg.mlp == "gated":
+        m = ops.mul(ops.activation(ops.linear(h, f"{p}.mlp.gate")), ops.linear(h, f"{p}.mlp.up"))
+    else:
+        m = ops.activation(ops.linear(h, f"{p}.mlp.up"))                  # (B, T, d_ff)
+    return ops.add(x, ops.linear(m, f"{p}.mlp.down"))                     # (B, T, d)
+
+
+def hidden_states(cfg: ModelConfig, ops: Ops, ids: Any, step: Step, cache: Any) -> Any:
+    """Final normed hidden states (B, T, d) of the new tokens `ids` (B, T)."""
+    x = ops.embed(ids)                                                    # (B, T, d)
+    if cfg.position == "learned":
+        x = ops.add(x, ops.pos_embed(step.positions))
+    for i in range(cfg.n_layers):
+        x = block(cfg, ops, i, x, step, cache)
+    return ops.norm(x, "final_norm")
+
+
+def forward(cfg: ModelConfig, ops: Ops, ids: Any, step: Step, cache: Any,
+            last_only: bool = False) -> Any:
+    """Logits (B, T, V) of the new tokens, or (B, 1, V) for the last position only."""
+    x = hidden_states(cfg, ops, ids, step, cache)
+    if last_only:
+        x = ops.last_position(x)
+    return ops.lm_head(x)
