@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -110,6 +111,7 @@ def cached_gguf_folder(path: Path) -> Path:
     folder = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)[:16]}"
     if not (folder / "config.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
+        print(f"veil: converting {path.name} once into {folder}", file=sys.stderr)
         convert_gguf(path, folder)
     return folder
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models of every family saved as HF folders, and the default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from veil.model.config import PRESETS, hf_config_dict
+
+FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+
+
+def make_hf_model(preset: str, seed: int = 0):
+    """A transformers model of a preset's shape with spread-out random weights."""
+    import transformers
+
+    cfg = PRESETS[preset]
+    d = hf_config_dict(cfg)
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # big enough that greedy choices are not near-ties
+            scale = 0.3 if "wte" in name or "embed" in name else 0.12
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name or "ln" in name
+                        else 0.05 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_hf(request, tmp_path_factory) -> tuple[str, Path, object]:
+    """(preset name, HF folder, transformers model) for each family."""
+    model = make_hf_model(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return request.param, folder, model
+
+
+@pytest.fixture(scope="session")
+def default_folder() -> Path:
+    from veil.model import zoo
+
+    return zoo.resolve("default")
+
+
+@pytest.fixture(scope="session")
+def default_model(default_folder):
+    import veil
+
+    return veil.load("default")
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())

