@@ -164,7 +164,7 @@ def generate_ids(cfg: ModelConfig, ops: Ops, prompts: Sequence[Sequence[int]], s
                     rows[r].finish_reason, done[r] = "stop", True
                 elif len(rows[r].token_ids) >= s.max_new_tokens:
                     done[r] = True
-                elif slot >= capacity:
+                elif slot + 1 >= cfg.max_seq_len:  # prompt + generated fill the context
                     rows[r].finish_reason, done[r] = "context", True
             if all(done):
                 break

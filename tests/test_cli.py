@@ -1,0 +1,39 @@
+"""Every CLI subcommand runs (tiny configs; the default model where marked)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from veil.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_tiny_preset_token_ids():
+    res = runner.invoke(app, ["generate", "1 2 3", "--model", "tiny-llama", "-n", "5"])
+    assert res.exit_code == 0, res.output
+    assert len(res.stdout.strip().splitlines()[0].split()) == 5
+    assert "[plain]" in res.output and "decode" in res.output
+
+
+def test_models_and_info():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0 and "tiny-qwen2" in res.output
+    res = runner.invoke(app, ["info", "tiny-gpt2"])
+    assert res.exit_code == 0 and "parameters" in res.output and "layer / gelu_tanh / plain" in res.output
+
+
+@pytest.mark.default_model
+def test_generate_default_chat_stream():
+    res = runner.invoke(app, ["generate", "What is the capital of France?", "--chat", "--stream",
+                              "-n", "12"])
+    assert res.exit_code == 0, res.output
+    assert "Paris" in res.stdout
+
+
+@pytest.mark.default_model
+def test_eval_ppl_default():
+    res = runner.invoke(app, ["eval", "ppl", "--windows", "2", "--window", "64"])
+    assert res.exit_code == 0, res.output
+    assert "perplexity" in res.output
