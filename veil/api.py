@@ -103,10 +103,11 @@ class Model:
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: Sequence[str] = (), chat: bool = False,
-                 stream: Callable[[str], None] | None = None) -> Any:
+                 stream: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Any:
         """Generate from one prompt (text or token ids) → `Generation`, or a list → list.
 
         stream: called with each new piece of text as it is produced (single prompts only).
+        ignore_eos: keep going past EOS (benchmarks that need a fixed token count).
         """
         single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], int))
         prompts = [prompt] if single else list(prompt)
@@ -115,7 +116,7 @@ class Model:
         if stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer; this model has none")
         s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed, stop=tuple(stop))
+                           top_p=top_p, seed=seed, stop=tuple(stop), stop_on_eos=not ignore_eos)
         ids = [self.encode(p, chat) for p in prompts]
         shown = [""]
 

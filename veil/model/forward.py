@@ -18,9 +18,8 @@ def block(cfg: ModelConfig, ops: Ops, i: int, x: Any, step: Step, cache: Any) ->
     """One decoder layer on x: (B, T, d) → (B, T, d)."""
     p = f"layers.{i}"
     h = ops.norm(x, f"{p}.attn_norm")
-    q = ops.linear(h, f"{p}.attn.q")                                      # (B, T, nh*hd)
-    k = ops.linear(h, f"{p}.attn.k")                                      # (B, T, nkv*hd)
-    v = ops.linear(h, f"{p}.attn.v")                                      # (B, T, nkv*hd)
+    # q: (B, T, nh*hd); k, v: (B, T, nkv*hd)
+    q, k, v = ops.linears(h, (f"{p}.attn.q", f"{p}.attn.k", f"{p}.attn.v"))
     if cfg.position == "rope":
         q, k = ops.rope(q, k, step)
     a = ops.attention(i, q, k, v, step, cache)                            # (B, T, nh*hd)
@@ -28,7 +27,8 @@ def block(cfg: ModelConfig, ops: Ops, i: int, x: Any, step: Step, cache: Any) ->
 
     h = ops.norm(x, f"{p}.mlp_norm")
     if cfg.mlp == "gated":
-        m = ops.mul(ops.activation(ops.linear(h, f"{p}.mlp.gate")), ops.linear(h, f"{p}.mlp.up"))
+        gate, up = ops.linears(h, (f"{p}.mlp.gate", f"{p}.mlp.up"))       # (B, T, d_ff) each
+        m = ops.mul(ops.activation(gate), up)
     else:
         m = ops.activation(ops.linear(h, f"{p}.mlp.up"))                  # (B, T, d_ff)
     return ops.add(x, ops.linear(m, f"{p}.mlp.down"))                     # (B, T, d)

@@ -1,0 +1,115 @@
+"""Benchmark harness: suites run their contenders in fresh subprocesses (so peak memory is each
+one's own), repeat, and write JSON rows, a markdown table and a plot.
+
+Row fields: suite, scheme, model, prompt_tokens, new_tokens, repeats, median/min/max decode
+tokens/s, prefill seconds, peak RSS (MiB), bytes on channels (0 for single-process schemes), and
+the error vs plain (max |Δlogit| and whether the greedy tokens are identical).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from veil.errors import ConfigError
+
+BENCH_PROMPT = "The history of cryptography began"
+SUITES = ("plain-vs-hf",)
+
+
+def _worker(mode: str, model: str, repeats: int, new_tokens: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "veil.bench.worker", mode, model, str(repeats), str(new_tokens),
+           BENCH_PROMPT]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise ConfigError(f"benchmark worker {mode!r} failed: "
+                          f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _row(suite: str, scheme: str, model: str, w: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    tps = w["decode_tokens_per_s"]
+    err = max(abs(a - b) for a, b in zip(w["first_logits"], ref["first_logits"]))
+    return {"suite": suite, "scheme": scheme, "model": model,
+            "prompt_tokens": w["prompt_tokens"], "new_tokens": w["new_tokens"],
+            "repeats": len(tps), "median": statistics.median(tps), "min": min(tps), "max": max(tps),
+            "unit": "decode tokens/s", "prefill_s": statistics.median(w["prefill_s"]),
+            "peak_rss_mib": w["peak_rss_mib"], "bytes": 0, "rounds": 0,
+            "max_abs_logit_err_vs_plain": err, "same_tokens_as_plain": w["tokens"] == ref["tokens"]}
+
+
+def plain_vs_hf(model: str, repeats: int, new_tokens: int) -> list[dict[str, Any]]:
+    """veil `plain` vs transformers' own `generate`: fp32, batch 1, same prompt, greedy.
+
+    Speed: both in one process, repeats alternated. Memory: each alone in a fresh process.
+    """
+    timed = _worker("speed", model, repeats, new_tokens)
+    for impl in ("veil", "hf"):
+        timed[impl].update(_worker(f"memory-{impl}", model, 1, new_tokens))
+    return [_row("plain-vs-hf", "plain", model, timed["veil"], timed["veil"]),
+            _row("plain-vs-hf", "transformers", model, timed["hf"], timed["veil"])]
+
+
+def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    base = rows[0]
+    lines = [f"# {base['suite']}", "",
+             f"{meta['when']} · {meta['machine']} · torch threads {meta['threads']} · "
+             f"prompt {base['prompt_tokens']} tokens, {base['new_tokens']} new tokens, "
+             f"greedy, batch 1, fp32, median of {base['repeats']} alternated repeats in one process; "
+             "peak RSS of each alone in a fresh process", "",
+             "| scheme | model | decode tok/s (median) | min | max | ratio vs plain | prefill s | "
+             "peak RSS MiB | RSS vs plain | max abs logit err vs plain | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['model']} | {r['median']:.2f} | {r['min']:.2f} | "
+                     f"{r['max']:.2f} | {r['median'] / base['median']:.3f} | {r['prefill_s']:.3f} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.3f} | "
+                     f"{r['max_abs_logit_err_vs_plain']:.2e} | {r['same_tokens_as_plain']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = [r["scheme"] for r in rows]
+    med = [r["median"] for r in rows]
+    err = [[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]]
+    ax.bar(names, med, yerr=err, capsize=4, color=["#4c72b0", "#dd8452", "#55a868"][:len(rows)])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{rows[0]['suite']} · {rows[0]['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: int = 64,
+              out_dir: str | Path = "benchmarks/results") -> list[Path]:
+    """Run one suite; returns the files written (JSON, markdown, PNG)."""
+    if suite not in SUITES:
+        raise ConfigError(f"unknown benchmark suite {suite!r} (known: {', '.join(SUITES)})")
+    if repeats < 1 or new_tokens < 2:
+        raise ConfigError("repeats must be ≥ 1 and new_tokens ≥ 2")
+    import torch
+
+    rows = plain_vs_hf(model, repeats, new_tokens)
+    meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU",
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / suite
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    paths[1].write_text(_markdown(rows, meta))
+    _plot(rows, paths[2])
+    return paths
