@@ -78,6 +78,50 @@ class Generation:
     cost: Cost
 
 
+def _cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    found = [text.find(x) for x in stops if x in text]
+    return min(found) if found else None
+
+
+class _TextStream:
+    """Turns generated token ids into text pieces for a streaming callback.
+
+    Holds back a partial multi-byte character, and any tail that could still become a stop string,
+    so the pieces always concatenate to the final text.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], emit: Callable[[str], None],
+                 stops: Sequence[str]) -> None:
+        self.decode, self.emit, self.stops = decode, emit, stops
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def _safe_length(self, text: str) -> int:
+        cut = _cut_at_stop(text, self.stops)
+        if cut is not None:
+            return cut
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+        return safe
+
+    def push(self, row: int, tok: int) -> None:
+        self.ids.append(tok)
+        text = self.decode(self.ids)
+        safe = self._safe_length(text)
+        if safe > self.shown:
+            self.emit(text[self.shown:safe])
+            self.shown = safe
+
+    def finish(self, final_text: str) -> None:
+        if len(final_text) > self.shown:
+            self.emit(final_text[self.shown:])
+
+
 class Model:
     """A loaded model under one scheme."""
 
@@ -118,34 +162,24 @@ class Model:
         s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, stop=tuple(stop), stop_on_eos=not ignore_eos)
         ids = [self.encode(p, chat) for p in prompts]
-        shown = [""]
 
         def stop_check(row: int, generated: list[int]) -> bool:
-            text = self.decode(generated)
-            return any(x in text for x in s.stop)
+            return _cut_at_stop(self.decode(generated), s.stop) is not None
 
-        emitted: list[int] = []
-
-        def stream_token(row: int, tok: int) -> None:
-            emitted.append(tok)
-            text = self.decode(emitted)
-            # hold back a partial multi-byte character until its last byte arrives
-            if text.endswith("\ufffd"):
-                return
-            stream(text[len(shown[0]):])  # type: ignore[misc]
-            shown[0] = text
-
+        streamer = _TextStream(self.decode, stream, s.stop) if stream is not None else None
         rows, trace = generate_ids(self.cfg, self.ops, ids, s,
                                    stop_check=stop_check if s.stop else None,
-                                   on_token=stream_token if stream is not None else None)
+                                   on_token=streamer.push if streamer is not None else None)
         out = []
         for r, row in enumerate(rows):
             text = self.decode(row.token_ids)
-            if row.finish_reason == "stop":
-                cut = min(text.find(x) for x in s.stop if x in text)
+            cut = _cut_at_stop(text, s.stop)
+            if row.finish_reason == "stop" and cut is not None:
                 text = text[:cut]
             out.append(Generation(text, row.token_ids, row.finish_reason,
                                   self._cost(trace, len(ids[r]), len(row.token_ids))))
+        if streamer is not None:
+            streamer.finish(out[0].text)
         return out[0] if single else out
 
     def _cost(self, trace: GenerationTrace, prompt_len: int, new: int) -> Cost:
