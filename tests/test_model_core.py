@@ -80,3 +80,14 @@ def test_param_count_matches_transformers(tiny_hf):
     name, folder, hf = tiny_hf
     m = veil.load(folder)
     assert m.cfg.n_params() == sum(p.numel() for p in hf.parameters()), name
+
+
+def test_flop_count_is_two_per_weight_per_token():
+    from veil.cost import forward_flops
+
+    cfg = PRESETS["tiny-llama"]
+    norms = (2 * cfg.n_layers + 1) * cfg.d_model
+    assert forward_flops(cfg, 1, 0) == 2 * (cfg.n_params() - norms)
+    # prefill of T tokens with the head on the last one only
+    T = 10
+    assert forward_flops(cfg, T, T, head_tokens=1) < forward_flops(cfg, T, T)

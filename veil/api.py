@@ -5,7 +5,6 @@ A scheme is a function (cfg, weights, options) → Ops; `SCHEMES` is the table l
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -13,6 +12,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 
 from veil.backends.plain import TorchOps
+from veil.cost import Cost, forward_flops
 from veil.errors import InputError, UnsupportedError
 from veil.model import zoo
 from veil.model.config import ModelConfig, load_config
@@ -34,38 +34,6 @@ def _plain(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
 SCHEMES: dict[str, SchemeBuilder] = {"plain": _plain}
 
 Prompt = Union[str, Sequence[int]]
-
-
-def forward_flops(cfg: ModelConfig, new_tokens: int, context: int) -> int:
-    """Multiply-adds ×2 of a forward over `new_tokens` tokens attending to `context` keys."""
-    d, L = cfg.d_model, cfg.n_layers
-    n_in = 2 if cfg.mlp == "gated" else 1
-    projections = 2 * d * (cfg.q_dim + 2 * cfg.kv_dim) + 2 * cfg.q_dim * d
-    per_token = L * (projections + 2 * (n_in + 1) * d * cfg.d_ff) + 2 * d * cfg.vocab_size
-    attention = L * 4 * cfg.q_dim * context
-    return new_tokens * (per_token + attention)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What one generation cost. Protected schemes extend this with bytes, rounds, per-side work."""
-
-    scheme: str
-    prompt_tokens: int
-    new_tokens: int
-    prefill_s: float
-    decode_s: float
-    flops: int
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        steps = max(self.new_tokens - 1, 0)
-        return steps / self.decode_s if self.decode_s > 0 else float("nan")
-
-    def summary(self) -> str:
-        return (f"[{self.scheme}] prompt {self.prompt_tokens} tok, prefill {self.prefill_s:.2f} s · "
-                f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s · "
-                f"{self.flops / 1e9:.2f} GFLOP")
 
 
 @dataclass(frozen=True)
@@ -183,7 +151,7 @@ class Model:
         return out[0] if single else out
 
     def _cost(self, trace: GenerationTrace, prompt_len: int, new: int) -> Cost:
-        flops = forward_flops(self.cfg, prompt_len, prompt_len)
+        flops = forward_flops(self.cfg, prompt_len, prompt_len, head_tokens=1)
         flops += sum(forward_flops(self.cfg, 1, prompt_len + i + 1) for i in range(max(new - 1, 0)))
         return Cost(self.scheme, prompt_len, new, trace.prefill_s, trace.decode_s, flops)
 
@@ -205,7 +173,6 @@ def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -
     """Load a model (`"default"`, a tiny preset name, an HF folder or a .gguf) under a scheme."""
     if scheme not in SCHEMES:
         raise UnsupportedError(f"unknown scheme {scheme!r} (available: {', '.join(SCHEMES)})")
-    t0 = time.perf_counter()
     where = zoo.resolve(model)
     tokenizer = None
     if isinstance(where, str):
@@ -219,6 +186,4 @@ def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -
         source = str(model)
     ops = SCHEMES[scheme](cfg, weights, dict(options))
     check_support(ops, cfg)
-    m = Model(cfg, ops, scheme, tokenizer, source)
-    m.load_s = time.perf_counter() - t0
-    return m
+    return Model(cfg, ops, scheme, tokenizer, source)

@@ -64,9 +64,9 @@ def generate(prompt: str = typer.Argument("Once upon a time", help="text to cont
     if stream:
         sys.stdout.write("\n")
     elif m.tokenizer is None:
-        out.print(" ".join(map(str, r.token_ids)), highlight=False)
+        print(" ".join(map(str, r.token_ids)))
     else:
-        out.print(r.text, highlight=False, markup=False)
+        print(r.text)  # not rich: the model's text must not be re-wrapped or styled
     err.print(r.cost.summary() + f" · finish: {r.finish_reason}", style="dim", highlight=False,
               markup=False, soft_wrap=True)
 
