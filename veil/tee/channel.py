@@ -1,0 +1,102 @@
+"""A framed, counted channel over a connected socket (the enclave ↔ device boundary).
+
+Both in-process tests (a socketpair, the device served by a thread) and real runs (one OS process
+per side) use this class, so byte and round-trip counts are the same in both. Requests may be
+pipelined: `send` several, do other work, then `recv` the replies in order — that is how the
+enclave overlaps its own work with the device's.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from veil.errors import ProtocolAbort
+from veil.tee.wire import PREFIX, Message, encode, parse_header, parse_prefix, tensors_from
+
+ERROR_OP = "error"
+
+
+@dataclass
+class ChannelStats:
+    """Traffic in each direction; `round_trips` counts replies received (request → reply pairs)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    round_trips: int = 0
+    bytes_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def snapshot(self) -> dict[str, int]:
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "messages_sent": self.messages_sent, "round_trips": self.round_trips}
+
+
+class Channel:
+    """Messages over one stream socket, with a receive timeout so a dead or stalled peer ends the
+    run with `ProtocolAbort` instead of a hang."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float = 30.0, peer: str = "peer") -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout_s)
+        self.timeout_s = timeout_s
+        self.peer = peer
+        self.stats = ChannelStats()
+
+    def send(self, msg: Message) -> None:
+        frame = encode(msg)
+        try:
+            self.sock.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            raise ProtocolAbort(f"{self.peer} is gone: sending {msg.op!r} failed ({exc})") from None
+        self.stats.bytes_sent += len(frame)
+        self.stats.messages_sent += 1
+        self.stats.bytes_by_op[msg.op] += len(frame)
+
+    def _read(self, n: int, what: str) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            try:
+                chunk = self.sock.recv(min(n - got, 1 << 20))
+            except socket.timeout:
+                raise ProtocolAbort(f"{self.peer} stalled: no {what} within {self.timeout_s:g} s") from None
+            except (ConnectionResetError, OSError) as exc:
+                raise ProtocolAbort(f"{self.peer} is gone while reading {what} ({exc})") from None
+            if not chunk:
+                raise ProtocolAbort(f"{self.peer} closed the connection"
+                                    + (f" in the middle of a {what}" if got else ""))
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def recv(self) -> Message:
+        """The next message; a peer's error report is raised here as `ProtocolAbort`."""
+        prefix = self._read(PREFIX.size, "message")
+        header_len = parse_prefix(prefix)
+        header, specs = parse_header(self._read(header_len, "header"))
+        payload = self._read(sum(n for _, _, n in specs), "payload")
+        self.stats.bytes_received += PREFIX.size + header_len + len(payload)
+        msg = Message(header["op"], header["args"], tensors_from(payload, specs))
+        if msg.op == ERROR_OP:
+            raise ProtocolAbort(f"{self.peer} reported: {msg.args.get('message', 'unknown error')}")
+        return msg
+
+    def reply(self) -> Message:
+        """Receive the reply to an earlier request (counted as one round trip)."""
+        msg = self.recv()
+        self.stats.round_trips += 1
+        return msg
+
+    def call(self, op: str, tensors: list[torch.Tensor] | None = None, **args) -> Message:
+        """One request and its reply."""
+        self.send(Message(op, args, tensors or []))
+        return self.reply()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

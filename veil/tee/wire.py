@@ -1,0 +1,125 @@
+"""The wire format between enclave and device: a small JSON header plus raw tensor bytes. No pickle.
+
+Frame layout (all integers little-endian):
+    b"VEIL"  u8 version  u32 header_len  header (UTF-8 JSON object)  payload (raw tensor bytes)
+The header names the op, carries scalar arguments, and describes each tensor of the payload by
+dtype and shape; the payload length follows from them. Everything is checked before it is used:
+a frame that is malformed, too large, or of an unknown dtype raises `ProtocolAbort`, so a peer that
+sends garbage ends the run with a clear error instead of a crash deep inside numpy or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from veil.errors import ProtocolAbort
+
+MAGIC = b"VEIL"
+VERSION = 1
+PREFIX = struct.Struct("<4sBI")  # magic, version, header length
+MAX_HEADER = 1 << 16
+MAX_PAYLOAD = 1 << 32
+MAX_TENSORS = 64
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64,
+           "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass
+class Message:
+    """One frame: an op name, JSON-safe scalar arguments, and tensors."""
+
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message into one frame."""
+    descs, blobs = [], []
+    for t in msg.tensors:
+        if t.dtype not in _NAMES:
+            raise ProtocolAbort(f"cannot send a tensor of dtype {t.dtype}")
+        arr = t.detach().contiguous().cpu()
+        descs.append({"dtype": _NAMES[t.dtype], "shape": list(arr.shape)})
+        blobs.append(arr.numpy().tobytes() if arr.numel() else b"")
+    header = json.dumps({"op": msg.op, "args": msg.args, "tensors": descs},
+                        separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER:
+        raise ProtocolAbort(f"header of {len(header)} bytes exceeds {MAX_HEADER}")
+    return PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
+
+
+def parse_prefix(prefix: bytes) -> int:
+    """Check the fixed prefix; returns the header length."""
+    magic, version, header_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise ProtocolAbort(f"peer sent a frame with bad magic {magic!r}")
+    if version != VERSION:
+        raise ProtocolAbort(f"peer speaks wire version {version}, expected {VERSION}")
+    if header_len > MAX_HEADER:
+        raise ProtocolAbort(f"peer announced a {header_len}-byte header (limit {MAX_HEADER})")
+    return header_len
+
+
+def parse_header(raw: bytes) -> tuple[dict[str, Any], list[tuple[torch.dtype, tuple[int, ...], int]]]:
+    """Validate a header; returns it with (dtype, shape, nbytes) per tensor."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolAbort(f"peer sent a malformed header ({exc})") from None
+    if (not isinstance(header, dict) or not isinstance(header.get("op"), str)
+            or not isinstance(header.get("args"), dict) or not isinstance(header.get("tensors"), list)):
+        raise ProtocolAbort("peer sent a header without op/args/tensors")
+    if len(header["tensors"]) > MAX_TENSORS:
+        raise ProtocolAbort(f"peer sent {len(header['tensors'])} tensors (limit {MAX_TENSORS})")
+    specs, total = [], 0
+    for d in header["tensors"]:
+        dtype = _DTYPES.get(d.get("dtype")) if isinstance(d, dict) else None
+        shape = d.get("shape") if isinstance(d, dict) else None
+        if dtype is None or not isinstance(shape, list) or not all(
+                isinstance(s, int) and 0 <= s < MAX_PAYLOAD for s in shape):
+            raise ProtocolAbort(f"peer sent an invalid tensor description {d!r}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += nbytes
+        if total > MAX_PAYLOAD:
+            raise ProtocolAbort(f"peer announced more than {MAX_PAYLOAD} payload bytes")
+        specs.append((dtype, tuple(shape), nbytes))
+    return header, specs
+
+
+def tensors_from(payload: bytes, specs: list[tuple[torch.dtype, tuple[int, ...], int]]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for dtype, shape, nbytes in specs:
+        arr = np.frombuffer(payload, dtype=_np_dtype(dtype), count=math.prod(shape), offset=offset)
+        out.append(torch.from_numpy(arr.copy()).reshape(shape))
+        offset += nbytes
+    return out
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64,
+            torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8}[dtype]
+
+
+def decode(frame: bytes) -> Message:
+    """Parse one complete frame (used by tests and by in-memory transports)."""
+    if len(frame) < PREFIX.size:
+        raise ProtocolAbort("truncated frame")
+    header_len = parse_prefix(frame[:PREFIX.size])
+    raw = frame[PREFIX.size:PREFIX.size + header_len]
+    if len(raw) < header_len:
+        raise ProtocolAbort("truncated frame header")
+    header, specs = parse_header(raw)
+    payload = frame[PREFIX.size + header_len:]
+    if len(payload) != sum(n for _, _, n in specs):
+        raise ProtocolAbort(f"frame payload has {len(payload)} bytes, header announced "
+                            f"{sum(n for _, _, n in specs)}")
+    return Message(header["op"], header["args"], tensors_from(payload, specs))
