@@ -1,0 +1,147 @@
+"""The untrusted device: holds what a scheme lets it hold and does the heavy linear work it is asked.
+
+It knows nothing about schemes. It stores named tensors (obfuscated weights), multiplies inputs by
+them, runs attention on whatever Q/K/V it is sent while keeping the K/V it saw in its own cache,
+and — because security is what this side can see — can record every tensor it received and
+everything resident in its memory (`View`). Attacks and audits take a `View` and nothing else.
+
+Ops (request → reply):
+  put      tensors named by args.names → stored (resident)              → ok
+  linear   args.names, x (N, in)       → [x W_nᵀ + b_n for each name]   (one round trip for several)
+  cache    args.layers/batch/capacity/kv_heads/head_dim → a fresh KV cache (resident)
+  attention args.layer/start/n_heads/head_dim, q (B,T,nh·hd), k, v (B,T,nkv·hd)[, key_valid (B,S)]
+                                       → softmax(q kᵀ/√hd) v (B,T,nh·hd), with k, v appended to the cache
+  view     → every resident tensor and, if recording, every received tensor
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from veil.backends.plain import attention_mask
+from veil.errors import ProtocolAbort
+from veil.ops import Step
+from veil.tee.channel import ERROR_OP, Channel
+from veil.tee.wire import Message
+
+
+@dataclass
+class View:
+    """What the untrusted side saw: resident tensors by name, and the log of received tensors."""
+
+    resident: dict[str, torch.Tensor] = field(default_factory=dict)
+    received: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+
+
+class DeviceState:
+    """The device's memory and its op handlers (transport-independent)."""
+
+    def __init__(self, record: bool = False) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+        self.record = record
+        self.received: list[tuple[str, torch.Tensor]] = []
+        self.flops = 0
+
+    def handle(self, msg: Message) -> Message:
+        handler = getattr(self, f"_op_{msg.op}", None)
+        if handler is None:
+            raise ProtocolAbort(f"unknown op {msg.op!r}")
+        if self.record and msg.op not in ("put", "view"):
+            for i, t in enumerate(msg.tensors):
+                self.received.append((f"{msg.op}:{msg.args.get('names', msg.args.get('layer', ''))}:{i}", t))
+        return handler(msg)
+
+    def _need(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise ProtocolAbort(f"no tensor {name!r} on the device")
+        return self.tensors[name]
+
+    def _op_put(self, msg: Message) -> Message:
+        names = msg.args.get("names", [])
+        if len(names) != len(msg.tensors):
+            raise ProtocolAbort("put: names and tensors differ in number")
+        self.tensors.update(zip(names, msg.tensors))
+        return Message("ok")
+
+    def _op_linear(self, msg: Message) -> Message:
+        (x,) = msg.tensors
+        out = []
+        for name in msg.args["names"]:
+            w = self._need(f"{name}.weight")
+            if x.shape[-1] != w.shape[1]:
+                raise ProtocolAbort(f"linear {name}: input has {x.shape[-1]} features, weight takes {w.shape[1]}")
+            out.append(F.linear(x, w, self.tensors.get(f"{name}.bias")))
+            self.flops += 2 * x[..., 0].numel() * w.numel()
+        return Message("linear", {}, out)
+
+    def _op_cache(self, msg: Message) -> Message:
+        a = msg.args
+        shape = (a["layers"], a["batch"], a["kv_heads"], a["capacity"], a["head_dim"])
+        self.cache_k, self.cache_v = torch.zeros(shape), torch.zeros(shape)
+        return Message("ok")
+
+    def _op_attention(self, msg: Message) -> Message:
+        if self.cache_k is None or self.cache_v is None:
+            raise ProtocolAbort("attention before a cache was created")
+        a = msg.args
+        q, k, v = msg.tensors[:3]
+        key_valid = msg.tensors[3] if len(msg.tensors) > 3 else None
+        layer, start, nh, hd = a["layer"], a["start"], a["n_heads"], a["head_dim"]
+        B, T, _ = q.shape
+        nkv = self.cache_k.shape[2]
+        end = start + T
+        if end > self.cache_k.shape[3] or layer >= self.cache_k.shape[0]:
+            raise ProtocolAbort(f"attention: slot {end} / layer {layer} outside the cache")
+        self.cache_k[layer, :, :, start:end] = k.view(B, T, nkv, hd).transpose(1, 2)
+        self.cache_v[layer, :, :, start:end] = v.view(B, T, nkv, hd).transpose(1, 2)
+        mask = attention_mask(Step(None, key_valid, start), T, end)
+        out = F.scaled_dot_product_attention(
+            q.view(B, T, nh, hd).transpose(1, 2), self.cache_k[layer, :, :, :end],
+            self.cache_v[layer, :, :, :end], attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=nkv != nh)
+        self.flops += 4 * B * T * nh * hd * end
+        return Message("attention", {}, [out.transpose(1, 2).reshape(B, T, nh * hd)])
+
+    def view(self) -> View:
+        resident = dict(self.tensors)
+        if self.cache_k is not None and self.cache_v is not None:
+            resident["kv_cache.k"], resident["kv_cache.v"] = self.cache_k, self.cache_v
+        return View(resident, list(self.received))
+
+    def _op_view(self, msg: Message) -> Message:
+        v = self.view()
+        names = list(v.resident) + [f"received/{n}" for n, _ in v.received]
+        return Message("view", {"names": names}, list(v.resident.values()) + [t for _, t in v.received])
+
+
+def serve(channel: Channel, state: DeviceState) -> None:
+    """Answer requests until the enclave closes the channel. A bad request is reported back to the
+    enclave (op "error") and ends the session: a confused device must not keep computing."""
+    while True:
+        try:
+            msg = channel.recv()
+        except ProtocolAbort:
+            return
+        try:
+            reply = state.handle(msg)
+        except (ProtocolAbort, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            channel.send(Message(ERROR_OP, {"message": f"{msg.op}: {exc}"}))
+            return
+        channel.send(reply)
+
+
+def serve_in_thread(state: DeviceState, timeout_s: float = 30.0) -> tuple[Channel, threading.Thread]:
+    """In-process mode: the device answers over a socketpair from a daemon thread — the same
+    framing and counting as a separate process, without the process."""
+    a, b = socket.socketpair()
+    thread = threading.Thread(target=serve, args=(Channel(b, timeout_s, "enclave"), state),
+                              daemon=True, name="veil-device")
+    thread.start()
+    return Channel(a, timeout_s, "device"), thread
