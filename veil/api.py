@@ -31,7 +31,13 @@ def _plain(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
     return TorchOps(cfg, weights)
 
 
-SCHEMES: dict[str, SchemeBuilder] = {"plain": _plain}
+def _loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
+    from veil.tee.runtime import start_loro
+
+    return start_loro(cfg, weights, options)
+
+
+SCHEMES: dict[str, SchemeBuilder] = {"plain": _plain, "loro": _loro}
 
 Prompt = Union[str, Sequence[int]]
 
@@ -154,6 +160,14 @@ class Model:
         flops = forward_flops(self.cfg, prompt_len, prompt_len, head_tokens=1)
         flops += sum(forward_flops(self.cfg, 1, prompt_len + i + 1) for i in range(max(new - 1, 0)))
         return Cost(self.scheme, prompt_len, new, trace.prefill_s, trace.decode_s, flops)
+
+    def device_view(self):
+        """What the untrusted device saw and holds (TEE schemes; load with record_view=True to
+        include every received tensor)."""
+        view = getattr(self.ops, "device_view", None)
+        if view is None:
+            raise UnsupportedError(f"scheme {self.scheme!r} has no untrusted device")
+        return view()
 
     def logits(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
         """float32 logits (B, T, V) for token-id rows; shorter rows are left-padded (right-aligned)."""

@@ -69,7 +69,6 @@ class TorchOps:
     def __init__(self, cfg: ModelConfig, weights: Weights) -> None:
         self.cfg = cfg
         self.w = weights
-        self.head = weights["embed.weight"] if cfg.tie_embeddings else weights["lm_head.weight"]
         self._rope_for: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if cfg.position == "rope":
             self.cos, self.sin = rope_tables(cfg)
@@ -148,4 +147,5 @@ class TorchOps:
         return x[:, -1:]
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.head)                                     # (B, T, V)
+        head = self.w["embed.weight" if self.cfg.tie_embeddings else "lm_head.weight"]
+        return F.linear(x, head)                                          # (B, T, V)

@@ -8,6 +8,7 @@ everything resident in its memory (`View`). Attacks and audits take a `View` and
 Ops (request → reply):
   put      tensors named by args.names → stored (resident)              → ok
   linear   args.names, x (N, in)       → [x W_nᵀ + b_n for each name]   (one round trip for several)
+  rows     args.name, ids (N,)         → rows of a stored table (embedding lookups)
   cache    args.layers/batch/capacity/kv_heads/head_dim → a fresh KV cache (resident)
   attention args.layer/start/n_heads/head_dim, q (B,T,nh·hd), k, v (B,T,nkv·hd)[, key_valid (B,S)]
                                        → softmax(q kᵀ/√hd) v (B,T,nh·hd), with k, v appended to the cache
@@ -80,6 +81,14 @@ class DeviceState:
             out.append(F.linear(x, w, self.tensors.get(f"{name}.bias")))
             self.flops += 2 * x[..., 0].numel() * w.numel()
         return Message("linear", {}, out)
+
+    def _op_rows(self, msg: Message) -> Message:
+        """Rows of a stored table (embedding lookups): ids (N,) → (N, d)."""
+        (ids,) = msg.tensors
+        table = self._need(msg.args["name"])
+        if ids.dtype != torch.int64 or (ids.numel() and (ids.min() < 0 or ids.max() >= table.shape[0])):
+            raise ProtocolAbort(f"rows {msg.args['name']}: ids must be int64 in [0, {table.shape[0]})")
+        return Message("rows", {}, [table[ids]])
 
     def _op_cache(self, msg: Message) -> Message:
         a = msg.args

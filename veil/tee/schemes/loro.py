@@ -1,0 +1,245 @@
+"""LoRO: low-rank dense masks on the device's weights, removed cheaply by the enclave.
+
+Threat model: the device (OS, accelerator, memory) is the attacker and holds the public pretrained
+prior; only the TEE is trusted; LoRO protects the owner's (fine-tuned) weights.
+
+Protocol, per weight matrix W (out×in) — every linear, and the embedding tables used as lookups:
+  1. Offline (protect, in the TEE): secret B (in×r), A (r×out), scale γ; the device gets
+     W' = W + γ(BA)ᵀ. Biases and norm weights stay in the enclave.
+  2. Online: the enclave sends x̃ = x + pad (a fresh Gaussian row per input row and layer);
+     the device returns ỹ = x̃W'ᵀ; meanwhile the enclave computes c = γ(xB)A; then
+     y = ỹ − c − pad·W'ᵀ + b, with pad·W'ᵀ precomputed offline. Exact up to rounding.
+  3. Embedding rows come back as E'[i] = E[i] + γ(B A[:, i])ᵀ; the enclave subtracts that.
+  4. Attention runs on the device under secret head-block permutations (veil/tee/enclave.py).
+  5. Factor multiplexing: a small bank of cornerstone factors per dimension; each matrix's B and A
+     are secret random combinations of the bank, so resident secrets stay tiny.
+Follows LoRO (NeurIPS 2025). Deliberate differences: pads are fresh per row (the public code reuses
+one pad per layer; `pads="fixed"` keeps that mode so attacks can show what reuse costs), the mask
+scale is set relative to ‖W‖ (the public code draws entries in [0, 0.1) whatever the weights),
+and nonlinear ops never run on the device.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from veil.errors import ConfigError
+from veil.model.config import ModelConfig
+from veil.model.weights import Weights
+
+
+def secret_generator() -> torch.Generator:
+    """A torch generator seeded from the OS CSPRNG (never a global seed)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+@dataclass(frozen=True)
+class LoroConfig:
+    rank: int = 8
+    bank: int = 4           # cornerstone factors per dimension; 0 = independent factors per matrix
+    mask_ratio: float = 8.0  # ‖γBA‖_F / ‖W‖_F
+    pad_ratio: float = 8.0   # pad RMS / the largest calibrated activation-row RMS
+    pads: str = "fresh"      # fresh | fixed
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.bank < 0 or self.mask_ratio <= 0 or self.pad_ratio <= 0:
+            raise ConfigError(f"loro: invalid settings {self}")
+        if self.pads not in ("fresh", "fixed"):
+            raise ConfigError(f"loro: pads must be 'fresh' or 'fixed', got {self.pads!r}")
+
+
+def masked_matrices(cfg: ModelConfig) -> list[str]:
+    """Every weight matrix the device holds masked (base names, without .weight)."""
+    names = ["embed"] + (["pos_embed"] if cfg.position == "learned" else [])
+    names += [] if cfg.tie_embeddings else ["lm_head"]
+    mlp = ("gate", "up", "down") if cfg.mlp == "gated" else ("up", "down")
+    for i in range(cfg.n_layers):
+        names += [f"layers.{i}.attn.{x}" for x in "qkvo"] + [f"layers.{i}.mlp.{x}" for x in mlp]
+    return names
+
+
+@dataclass
+class FactorBank:
+    """Secret mask factors. With multiplexing, B/A of each matrix are combinations of the bank."""
+
+    rank: int
+    bank_b: dict[int, torch.Tensor] = field(default_factory=dict)   # in-dim → (m, in, r)
+    bank_a: dict[int, torch.Tensor] = field(default_factory=dict)   # out-dim → (m, r, out)
+    coef: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    direct: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, γ) of a matrix."""
+        if name in self.direct:
+            return self.direct[name]
+        alpha, beta, gamma = self.coef[name]
+        b_dim, a_dim = int(alpha[0]), int(beta[0])
+        B = torch.einsum("m,mir->ir", alpha[1:], self.bank_b[b_dim])
+        A = torch.einsum("m,mro->ro", beta[1:], self.bank_a[a_dim])
+        return B, A, gamma
+
+    def nbytes(self) -> int:
+        banks = sum(t.nbytes for t in [*self.bank_b.values(), *self.bank_a.values()])
+        coefs = sum(a.nbytes + b.nbytes + 8 for a, b, _ in self.coef.values())
+        direct = sum(b.nbytes + a.nbytes + 8 for b, a, _ in self.direct.values())
+        return banks + coefs + direct
+
+
+def _shape(weights: Weights, name: str) -> tuple[int, int]:
+    out_dim, in_dim = weights[f"{name}.weight"].shape
+    return in_dim, out_dim
+
+
+def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
+                 gen: torch.Generator) -> FactorBank:
+    r = lcfg.rank
+    bank = FactorBank(rank=r)
+    names = masked_matrices(cfg)
+    if lcfg.bank == 0:
+        for n in names:
+            i, o = _shape(weights, n)
+            bank.direct[n] = (torch.randn(i, r, generator=gen), torch.randn(r, o, generator=gen), 1.0)
+    else:
+        uses_in: dict[int, int] = {}
+        uses_out: dict[int, int] = {}
+        for n in names:
+            i, o = _shape(weights, n)
+            uses_in[i] = uses_in.get(i, 0) + 1
+            uses_out[o] = uses_out.get(o, 0) + 1
+        # a bank never larger than the number of matrices that draw from it
+        for dim, uses in uses_in.items():
+            bank.bank_b[dim] = torch.randn(min(lcfg.bank, uses), dim, r, generator=gen)
+        for dim, uses in uses_out.items():
+            bank.bank_a[dim] = torch.randn(min(lcfg.bank, uses), r, dim, generator=gen)
+        for n in names:
+            i, o = _shape(weights, n)
+            alpha = torch.cat([torch.tensor([float(i)]), torch.randn(len(bank.bank_b[i]), generator=gen)])
+            beta = torch.cat([torch.tensor([float(o)]), torch.randn(len(bank.bank_a[o]), generator=gen)])
+            bank.coef[n] = (alpha, beta, 1.0)
+    # γ so that the mask dominates the weight: ‖γ(BA)ᵀ‖ = mask_ratio·‖W‖
+    for n in names:
+        B, A, _ = bank.factors(n)
+        gamma = lcfg.mask_ratio * float(weights[f"{n}.weight"].norm()) / float((B @ A).norm())
+        if n in bank.direct:
+            bank.direct[n] = (B, A, gamma)
+        else:
+            alpha, beta, _ = bank.coef[n]
+            bank.coef[n] = (alpha, beta, gamma)
+    return bank
+
+
+def masked_weights(cfg: ModelConfig, weights: Weights, bank: FactorBank) -> dict[str, torch.Tensor]:
+    """What the device holds: W' = W + γ(BA)ᵀ for every masked matrix, nothing else."""
+    device = {}
+    for n in masked_matrices(cfg):
+        B, A, gamma = bank.factors(n)
+        device[f"{n}.weight"] = weights[f"{n}.weight"] + gamma * (B @ A).t()
+    return device
+
+
+def input_groups(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Linears that share one input (one pad, one round trip), keyed by the first name."""
+    groups: dict[str, tuple[str, ...]] = {}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}"
+        for g in ((f"{p}.attn.q", f"{p}.attn.k", f"{p}.attn.v"), (f"{p}.attn.o",),
+                  ((f"{p}.mlp.gate", f"{p}.mlp.up") if cfg.mlp == "gated" else (f"{p}.mlp.up",)),
+                  (f"{p}.mlp.down",)):
+            groups[g[0]] = g
+    head = "embed" if cfg.tie_embeddings else "lm_head"
+    groups[head] = (head,)
+    return groups
+
+
+@dataclass
+class PadCost:
+    rows: int = 0
+    flops: int = 0
+    seconds: float = 0.0
+
+
+class PadPool:
+    """One-time pads and their products with W', made offline.
+
+    `fresh`: a new Gaussian row per input row; the pool is refilled (offline work, counted in
+    `cost`) before a generation for the rows it will need. `fixed`: one row per group, reused.
+    """
+
+    def __init__(self, groups: dict[str, tuple[str, ...]], sigma: dict[str, float], mode: str,
+                 weight_of: Callable[[str], torch.Tensor]) -> None:
+        self.groups, self.sigma, self.mode, self.weight_of = groups, sigma, mode, weight_of
+        self.pads: dict[str, torch.Tensor] = {}
+        self.products: dict[str, torch.Tensor] = {}
+        self.cost = PadCost()
+        self.gen = secret_generator()
+        if mode == "fixed":
+            self.refill(1)
+
+    def refill(self, rows: int) -> None:
+        t0 = time.perf_counter()
+        for g, names in self.groups.items():
+            in_dim = self.weight_of(names[0]).shape[1]
+            pad = self.sigma[g] * torch.randn(rows, in_dim, generator=self.gen)
+            self.pads[g] = pad
+            for n in names:
+                w = self.weight_of(n)
+                # float64: the enclave's share should add no rounding of its own to the
+                # cancellation ỹ − c − pad·W'ᵀ, whose terms are much larger than y
+                self.products[n] = pad.double() @ w.double().t()          # (rows, out)
+                self.cost.flops += 2 * rows * w.numel()
+        self.cost.rows += rows
+        self.cost.seconds += time.perf_counter() - t0
+        self.cursor = {g: 0 for g in self.groups}
+
+    def take(self, group: str, rows: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        names = self.groups[group]
+        if self.mode == "fixed":
+            return (self.pads[group].expand(rows, -1),
+                    {n: self.products[n].expand(rows, -1) for n in names})
+        start = self.cursor[group]
+        if start + rows > self.pads[group].shape[0]:
+            self.refill(max(rows, self.pads[group].shape[0]))
+            start = 0
+        self.cursor[group] = start + rows
+        sl = slice(start, start + rows)
+        return self.pads[group][sl], {n: self.products[n][sl] for n in names}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in [*self.pads.values(), *self.products.values()])
+
+
+class LoroProtocol:
+    """The enclave's side of LoRO's linear protocol (see the module docstring, step 2)."""
+
+    def __init__(self, cfg: ModelConfig, bank: FactorBank, biases: dict[str, torch.Tensor],
+                 pool: PadPool) -> None:
+        self.cfg, self.bank, self.biases, self.pool = cfg, bank, biases, pool
+        self.group_of = {n: g for g, names in pool.groups.items() for n in names}
+        self.enclave_flops = 0
+
+    def prepare(self, rows: int) -> None:
+        if self.pool.mode == "fresh":
+            self.pool.refill(rows)
+
+    def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        pad, products = self.pool.take(self.group_of[group], x.shape[0])
+        return x + pad, products
+
+    def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
+        B, A, gamma = self.bank.factors(name)
+        self.enclave_flops += 2 * x.shape[0] * self.bank.rank * (B.shape[0] + A.shape[1])
+        return gamma * ((x.double() @ B.double()) @ A.double()) + ctx[name]   # (N, out)
+
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
+        y = (y_dev.double() - pre).float()
+        bias = self.biases.get(f"{name}.bias")
+        return y + bias if bias is not None else y
+
+    def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
+        B, A, gamma = self.bank.factors(name)
+        return rows_dev - gamma * (A[:, ids].t() @ B.t())                 # (N, d)
