@@ -6,11 +6,12 @@ device through a `Channel`, concealed by the scheme's `LinearProtocol`, and come
 revealed. While the device multiplies, the enclave computes its own share of the work (LoRO's
 low-rank correction): requests are sent first, the scheme's `precompute` runs, then replies are read.
 
-Attention runs on the device under secret head-block permutations (`HeadPermutation`): per layer a
-permutation of the KV heads, of the query heads inside each group, and of the dimensions inside each
-head (one for Q/K, another for V). Q·Kᵀ per head is unchanged, so the device's softmax is exact; the
-enclave applies RoPE *before* permuting (a permutation does not commute with RoPE's rotation
-pairs, and RoPE done on the device would reveal which features pair up), and un-permutes the output.
+Attention runs on the device under secret head-block transforms (`HeadMixing`): per layer a
+permutation of the KV heads and of the query heads inside each group, and inside each group an
+orthogonal matrix for Q/K and another for V. Q·Kᵀ per head is unchanged, so the device's softmax
+is exact; the enclave applies RoPE *before* the transform (neither a permutation nor a rotation
+commutes with RoPE's frequency pairs, and RoPE done on the device would reveal the pairing), and
+undoes the V transform on the output.
 """
 
 from __future__ import annotations
@@ -53,38 +54,67 @@ def _csprng_perm(n: int) -> torch.Tensor:
     return torch.tensor(p, dtype=torch.long)
 
 
-@dataclass(frozen=True)
-class HeadPermutation:
-    """Index maps of one layer: device input = true[..., *_src]; true output = device output[..., o_src]."""
+def _orthogonal(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A secret n×n orthogonal matrix: Haar-random (`rotate`) or a permutation (`permute`)."""
+    if kind == "permute":
+        return torch.eye(n)[_csprng_perm(n)]
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
 
-    q_src: torch.Tensor   # (nh·hd,)
-    k_src: torch.Tensor   # (nkv·hd,)
-    v_src: torch.Tensor   # (nkv·hd,)
-    o_src: torch.Tensor   # (nh·hd,)
+
+@dataclass(frozen=True)
+class HeadMixing:
+    """One layer's secret transform of attention inputs, exact for the device's softmax(QKᵀ)V.
+
+    Device head slot i holds true query head `q_heads[i]` (KV head `k_heads[j]` for slot j): the
+    KV heads are permuted, and the query heads with them (GQA groups stay together) and within
+    their group. Inside a group g, Q and K are multiplied by one orthogonal R_g (Q R_g (K R_g)ᵀ =
+    QKᵀ) and V by another, S_g, which the enclave removes from the output (· S_gᵀ).
+    `permute` uses permutation matrices for R_g, S_g (KV-Shield's RPM, LoRO's head-block
+    permutations); `rotate` uses Haar-random rotations, which also mix feature values.
+    """
+
+    q_heads: torch.Tensor    # (nh,)  true query head in each device slot
+    k_heads: torch.Tensor    # (nkv,) true KV head in each device slot
+    r_q: torch.Tensor        # (nh, hd, hd)  R of each query slot's group
+    r_k: torch.Tensor        # (nkv, hd, hd)
+    s_v: torch.Tensor        # (nkv, hd, hd)
+    s_out: torch.Tensor      # (nh, hd, hd)  S of each query slot's group (to undo)
 
     @staticmethod
-    def sample(cfg: ModelConfig) -> "HeadPermutation":
+    def sample(cfg: ModelConfig, kind: str = "rotate") -> "HeadMixing":
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G = nh // nkv
-        sigma = _csprng_perm(nkv)
-        q_src = torch.empty(nh * hd, dtype=torch.long)
-        k_src = torch.empty(nkv * hd, dtype=torch.long)
-        v_src = torch.empty(nkv * hd, dtype=torch.long)
-        o_new = torch.empty(nh * hd, dtype=torch.long)   # true feature → its device position
-        for g in range(nkv):
-            tau, pi, rho = _csprng_perm(G), _csprng_perm(hd), _csprng_perm(hd)
-            sg = int(sigma[g])
-            # device position (σ(g), π_g(d)) holds true (g, d) for K; ρ_g for V
-            k_src[sg * hd + pi] = g * hd + torch.arange(hd)
-            v_src[sg * hd + rho] = g * hd + torch.arange(hd)
-            for j in range(G):
-                new_h, old_h = sg * G + int(tau[j]), g * G + j
-                q_src[new_h * hd + pi] = old_h * hd + torch.arange(hd)
-                o_new[old_h * hd + torch.arange(hd)] = new_h * hd + rho
-        return HeadPermutation(q_src, k_src, v_src, o_new)
+        gen = torch.Generator().manual_seed(secrets.randbits(63))
+        sigma = _csprng_perm(nkv)                      # slot j ← true KV head sigma[j]
+        R = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
+        S = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
+        q_heads = torch.cat([sigma[j] * G + _csprng_perm(G) for j in range(nkv)])
+        groups = q_heads // G
+        return HeadMixing(q_heads, sigma, torch.stack([R[int(g)] for g in groups]),
+                          torch.stack([R[int(g)] for g in sigma]),
+                          torch.stack([S[int(g)] for g in sigma]),
+                          torch.stack([S[int(g)] for g in groups]))
 
-    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        return {f"layers.{layer}.perm.{k}": getattr(self, k) for k in ("q_src", "k_src", "v_src", "o_src")}
+    @staticmethod
+    def _apply(x: torch.Tensor, heads: torch.Tensor, mats: torch.Tensor, hd: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        xh = x.view(B, T, -1, hd)[:, :, heads]                               # (B, T, H, hd)
+        return torch.einsum("bthd,hde->bthe", xh, mats).reshape(B, T, -1)
+
+    def conceal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hd: int):
+        return (self._apply(q, self.q_heads, self.r_q, hd), self._apply(k, self.k_heads, self.r_k, hd),
+                self._apply(v, self.k_heads, self.s_v, hd))
+
+    def reveal(self, out: torch.Tensor, hd: int) -> torch.Tensor:
+        B, T, _ = out.shape
+        oh = torch.einsum("bthe,hde->bthd", out.view(B, T, -1, hd), self.s_out)  # undo S_g
+        true = torch.empty_like(oh)
+        true[:, :, self.q_heads] = oh
+        return true.reshape(B, T, -1)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.q_heads, self.k_heads, self.r_k, self.s_v))
 
 
 class EnclaveOps(TorchOps):
@@ -93,7 +123,7 @@ class EnclaveOps(TorchOps):
     name = "tee"
 
     def __init__(self, cfg: ModelConfig, local: dict[str, torch.Tensor], protocol: LinearProtocol,
-                 perms: list[HeadPermutation], channel: Channel, scheme: str) -> None:
+                 perms: list[HeadMixing], channel: Channel, scheme: str) -> None:
         super().__init__(cfg, local)
         self.protocol, self.perms, self.channel = protocol, perms, channel
         self.name = scheme
@@ -133,13 +163,13 @@ class EnclaveOps(TorchOps):
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   step: Step, cache: Any) -> torch.Tensor:
-        p = self.perms[layer]
-        tensors = [q[..., p.q_src], k[..., p.k_src], v[..., p.v_src]]
+        hd = self.cfg.head_dim
+        tensors = list(self.perms[layer].conceal(q, k, v, hd))
         if step.key_valid is not None:
             tensors.append(step.key_valid)
         out = self.channel.call("attention", tensors, layer=layer, start=step.start,
                                 n_heads=self.cfg.n_heads, head_dim=self.cfg.head_dim).tensors[0]
-        return out[..., p.o_src]                                          # (B, T, nh*hd)
+        return self.perms[layer].reveal(out, hd)                          # (B, T, nh*hd)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         name = "embed" if self.cfg.tie_embeddings else "lm_head"

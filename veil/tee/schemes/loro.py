@@ -6,17 +6,24 @@ prior; only the TEE is trusted; LoRO protects the owner's (fine-tuned) weights.
 Protocol, per weight matrix W (out×in) — every linear, and the embedding tables used as lookups:
   1. Offline (protect, in the TEE): secret B (in×r), A (r×out), scale γ; the device gets
      W' = W + γ(BA)ᵀ. Biases and norm weights stay in the enclave.
-  2. Online: the enclave sends x̃ = x + pad (a fresh Gaussian row per input row and layer);
+  2. Online: the enclave sends x̃ = x + s·g: g a fresh unit-Gaussian row per input row and layer,
+     s = pad_ratio × the row's RMS rounded up to a power of two (so the device learns each row's
+     RMS within a factor of 2, and nothing of its direction);
      the device returns ỹ = x̃W'ᵀ; meanwhile the enclave computes c = γ(xB)A; then
-     y = ỹ − c − pad·W'ᵀ + b, with pad·W'ᵀ precomputed offline. Exact up to rounding.
+     y = ỹ − c − s·(g·W'ᵀ) + b, with g·W'ᵀ precomputed offline. Exact up to rounding.
   3. Embedding rows come back as E'[i] = E[i] + γ(B A[:, i])ᵀ; the enclave subtracts that.
   4. Attention runs on the device under secret head-block permutations (veil/tee/enclave.py).
   5. Factor multiplexing: a small bank of cornerstone factors per dimension; each matrix's B and A
      are secret random combinations of the bank, so resident secrets stay tiny.
 Follows LoRO (NeurIPS 2025). Deliberate differences: pads are fresh per row (the public code reuses
-one pad per layer; `pads="fixed"` keeps that mode so attacks can show what reuse costs), the mask
-scale is set relative to ‖W‖ (the public code draws entries in [0, 0.1) whatever the weights),
-and nonlinear ops never run on the device.
+one pad per layer; `pads="fixed"` keeps that mode so attacks can show what reuse costs); pad and
+mask scales are set relative to the row / the weight (the public code draws entries in [0, 0.1)
+whatever the data — LLM activations have rows ~100× the others, "attention sinks", which a fixed
+scale either leaves nearly unpadded or, sized for them, drowns every other row in rounding error);
+nonlinear ops never run on the device; attention inputs are mixed by orthogonal matrices, not
+only permuted (see veil/tee/enclave.py). Precision: ỹ carries terms ~(1+mask_ratio)(1+pad_ratio)
+times larger than y, computed in the device's float32, so logits differ from plain by ~1e-3–1e-2
+on the default model (tiny models ~1e-5); the enclave's own share runs in float64.
 """
 
 from __future__ import annotations
@@ -42,8 +49,8 @@ def secret_generator() -> torch.Generator:
 class LoroConfig:
     rank: int = 8
     bank: int = 4           # cornerstone factors per dimension; 0 = independent factors per matrix
-    mask_ratio: float = 8.0  # ‖γBA‖_F / ‖W‖_F
-    pad_ratio: float = 8.0   # pad RMS / the largest calibrated activation-row RMS
+    mask_ratio: float = 5.5  # ‖γBA‖_F / ‖W‖_F (cos(W', W) ≈ 1/√(1+r²) ≈ 0.18)
+    pad_ratio: float = 5.5   # pad-row RMS ≥ pad_ratio × input-row RMS (cos ≤ 1/√(1+r²) ≈ 0.18)
     pads: str = "fresh"      # fresh | fixed
 
     def __post_init__(self) -> None:
@@ -164,15 +171,15 @@ class PadCost:
 
 
 class PadPool:
-    """One-time pads and their products with W', made offline.
+    """One-time unit pads g and their products g·W'ᵀ, made offline.
 
     `fresh`: a new Gaussian row per input row; the pool is refilled (offline work, counted in
     `cost`) before a generation for the rows it will need. `fixed`: one row per group, reused.
     """
 
-    def __init__(self, groups: dict[str, tuple[str, ...]], sigma: dict[str, float], mode: str,
+    def __init__(self, groups: dict[str, tuple[str, ...]], mode: str,
                  weight_of: Callable[[str], torch.Tensor]) -> None:
-        self.groups, self.sigma, self.mode, self.weight_of = groups, sigma, mode, weight_of
+        self.groups, self.mode, self.weight_of = groups, mode, weight_of
         self.pads: dict[str, torch.Tensor] = {}
         self.products: dict[str, torch.Tensor] = {}
         self.cost = PadCost()
@@ -184,7 +191,7 @@ class PadPool:
         t0 = time.perf_counter()
         for g, names in self.groups.items():
             in_dim = self.weight_of(names[0]).shape[1]
-            pad = self.sigma[g] * torch.randn(rows, in_dim, generator=self.gen)
+            pad = torch.randn(rows, in_dim, generator=self.gen)          # unit pads; scaled online
             self.pads[g] = pad
             for n in names:
                 w = self.weight_of(n)
@@ -217,8 +224,9 @@ class LoroProtocol:
     """The enclave's side of LoRO's linear protocol (see the module docstring, step 2)."""
 
     def __init__(self, cfg: ModelConfig, bank: FactorBank, biases: dict[str, torch.Tensor],
-                 pool: PadPool) -> None:
+                 pool: PadPool, pad_ratio: float) -> None:
         self.cfg, self.bank, self.biases, self.pool = cfg, bank, biases, pool
+        self.pad_ratio = pad_ratio
         self.group_of = {n: g for g, names in pool.groups.items() for n in names}
         self.enclave_flops = 0
 
@@ -227,13 +235,16 @@ class LoroProtocol:
             self.pool.refill(rows)
 
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        pad, products = self.pool.take(self.group_of[group], x.shape[0])
-        return x + pad, products
+        g, products = self.pool.take(self.group_of[group], x.shape[0])
+        rms = x.double().pow(2).mean(-1, keepdim=True).sqrt()                 # (N, 1)
+        scale = torch.exp2(torch.ceil(torch.log2(self.pad_ratio * rms + 1e-30)))
+        return (x + scale * g).float(), (scale, products)
 
     def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
         B, A, gamma = self.bank.factors(name)
         self.enclave_flops += 2 * x.shape[0] * self.bank.rank * (B.shape[0] + A.shape[1])
-        return gamma * ((x.double() @ B.double()) @ A.double()) + ctx[name]   # (N, out)
+        scale, products = ctx
+        return gamma * ((x.double() @ B.double()) @ A.double()) + scale * products[name]  # (N, out)
 
     def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
         y = (y_dev.double() - pre).float()
