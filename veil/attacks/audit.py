@@ -1,64 +1,46 @@
 """Device-view audit: how much of the true weights and activations the untrusted side can see.
 
-For every tensor in a device `View` (resident and received), the largest absolute cosine with any
-true weight matrix and with any true activation of the same run that has the same shape. A
-masked tensor scores near 0; a tensor shipped in the clear scores 1. The audit is direct (no
+For every tensor in a device `View` (resident and received): its absolute cosine with its own true
+counterpart (the same weight; the same call site's activations over the run), and the largest with
+any true weight / activation of the same shape, next to the chance floor (how much distinct true
+tensors of one shape resemble each other). A masked tensor scores near 0 against its counterpart;
+a tensor shipped in the clear scores 1. The audit is direct (no
 attacker model): a permutation or scaling can score low here and still fall to the prior-matching
 attacks in veil/attacks — the audit is a floor on leakage, not a proof of security.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
-from veil.backends.plain import TorchOps
-from veil.model.config import ModelConfig
+from veil.backends.recording import RecordingOps
 from veil.model.weights import Weights
-from veil.ops import Step
-
-
-class RecordingOps(TorchOps):
-    """Plain execution that keeps every activation the forward produces at an op boundary."""
-
-    def __init__(self, cfg: ModelConfig, weights: Weights) -> None:
-        super().__init__(cfg, weights)
-        self.records: list[tuple[str, torch.Tensor]] = []
-
-    def _keep(self, tag: str, x: torch.Tensor) -> torch.Tensor:
-        self.records.append((tag, x.detach().reshape(-1, x.shape[-1]).clone()))
-        return x
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._keep("embed", super().embed(ids))
-
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        self._keep(f"in:{name}", x)
-        return self._keep(f"out:{name}", super().linear(x, name))
-
-    def attention(self, layer: int, q, k, v, step: Step, cache) -> torch.Tensor:
-        for tag, t in (("q", q), ("k", k), ("v", v)):
-            self._keep(f"attn{layer}.{tag}", t)
-        return self._keep(f"attn{layer}.out", super().attention(layer, q, k, v, step, cache))
-
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        self._keep("in:lm_head", x)
-        return self._keep("logits", super().lm_head(x))
 
 
 @dataclass
 class AuditRow:
     name: str
     shape: tuple[int, ...]
-    cos_weight: float        # max |cos| with a true weight matrix of the same shape
-    cos_activation: float    # max |cos| with a true activation of the same shape
+    cos_matched: float       # |cos| with its own true counterpart (same weight / same call site)
+    cos_weight: float        # max |cos| with any true weight matrix of the same shape
+    cos_activation: float    # max |cos| with any true activation of the same shape
 
 
 @dataclass
 class AuditReport:
     rows: list[AuditRow] = field(default_factory=list)
+    # How much distinct true tensors of one shape resemble each other by themselves: a device
+    # tensor scoring no higher than this against *other* tensors shows nothing beyond chance.
+    floor_weight: float = 0.0
+    floor_activation: float = 0.0
+
+    @property
+    def max_cos_matched(self) -> float:
+        return max((r.cos_matched for r in self.rows), default=0.0)
 
     @property
     def max_cos_weight(self) -> float:
@@ -69,7 +51,22 @@ class AuditReport:
         return max((r.cos_activation for r in self.rows), default=0.0)
 
     def worst(self, n: int = 5) -> list[AuditRow]:
-        return sorted(self.rows, key=lambda r: -max(r.cos_weight, r.cos_activation))[:n]
+        return sorted(self.rows, key=lambda r: -max(r.cos_matched, r.cos_weight, r.cos_activation))[:n]
+
+
+def counterpart(device_name: str) -> str:
+    """The true tensor a device tensor stands for: weights by name, activations by call site."""
+    m = re.fullmatch(r"linear:\['([^']+)'.*\]:0", device_name)
+    if m:
+        name = m.group(1)
+        return "in:lm_head" if name in ("embed", "lm_head") else f"in:{name}"
+    m = re.fullmatch(r"attention:(\d+):([012])", device_name)
+    if m:
+        return f"attn{m.group(1)}.{'qkv'[int(m.group(2))]}"
+    m = re.fullmatch(r"kv_cache\.([kv])\[(\d+)\]", device_name)
+    if m:
+        return f"attn{m.group(2)}.{m.group(1)}"
+    return device_name
 
 
 def _max_abs_cos(items: list[torch.Tensor], refs: list[torch.Tensor]) -> list[float]:
@@ -111,31 +108,51 @@ def stack_by_tag(tagged: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torc
     return [(tag, torch.cat(parts)) for tag, parts in rows.items()]
 
 
+def _floor(tensors: list[torch.Tensor]) -> float:
+    by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_shape[tuple(t.shape)].append(t)
+    floor = 0.0
+    for group in by_shape.values():
+        if len(group) > 1:
+            a = torch.nn.functional.normalize(torch.stack([t.reshape(-1).double() for t in group]), dim=1)
+            sims = (a @ a.t()).abs()
+            sims.fill_diagonal_(0.0)
+            # identical tensors (q/k/v share their input) are one tensor, not a resemblance
+            distinct = sims[sims < 1 - 1e-9]
+            if distinct.numel():
+                floor = max(floor, float(distinct.max()))
+    return floor
+
+
 def audit(view_tensors: list[tuple[str, torch.Tensor]], weights: Weights,
-          activations: list[torch.Tensor]) -> AuditReport:
-    """Audit named device tensors against true weights and (stacked) true activations."""
+          activations: dict[str, torch.Tensor]) -> AuditReport:
+    """Audit named device tensors against true weights and (stacked) true activations by tag."""
     items = [(n, t.float().reshape(-1, t.shape[-1])) for n, t in _split_caches(view_tensors)
              if t.is_floating_point() and t.numel() > 1]
+    mats = {k: w for k, w in weights.items() if w.dim() == 2}
+    truth = {**mats, **activations}
     by_shape_w: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for w in weights.values():
-        if w.dim() == 2:
-            by_shape_w[tuple(w.shape)].append(w)
+    for w in mats.values():
+        by_shape_w[tuple(w.shape)].append(w)
     by_shape_a: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for a in activations:
-        by_shape_a[tuple(a.shape)].append(a)
+    for t in activations.values():
+        by_shape_a[tuple(t.shape)].append(t)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (_, t) in enumerate(items):
         groups[tuple(t.shape)].append(i)
-    report = AuditReport()
     rows: dict[int, AuditRow] = {}
     for shape, idx in groups.items():
         ts = [items[i][1] for i in idx]
         cw = _max_abs_cos(ts, by_shape_w.get(shape, []))
         ca = _max_abs_cos(ts, by_shape_a.get(shape, []))
         for j, i in enumerate(idx):
-            rows[i] = AuditRow(items[i][0], shape, cw[j], ca[j])
-    report.rows = [rows[i] for i in range(len(items))]
-    return report
+            ref = truth.get(counterpart(items[i][0]))
+            matched = (_max_abs_cos([ts[j]], [ref])[0]
+                       if ref is not None and tuple(ref.shape) == shape else float("nan"))
+            rows[i] = AuditRow(items[i][0], shape, matched, cw[j], ca[j])
+    return AuditReport([rows[i] for i in range(len(items))], _floor(list(mats.values())),
+                       _floor(list(activations.values())))
 
 
 def audit_run(model: str, scheme: str, prompt: list[int], max_new_tokens: int = 8,
@@ -152,4 +169,4 @@ def audit_run(model: str, scheme: str, prompt: list[int], max_new_tokens: int = 
     protected.generate(prompt, max_new_tokens=max_new_tokens)
     view = protected.device_view()
     return audit(list(view.resident.items()) + stack_by_tag(view.received), plain.ops.w,
-                 [t for _, t in stack_by_tag(recorder.records)])
+                 dict(stack_by_tag(recorder.records)))

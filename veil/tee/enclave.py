@@ -82,15 +82,51 @@ class HeadMixing:
     s_out: torch.Tensor      # (nh, hd, hd)  S of each query slot's group (to undo)
 
     @staticmethod
-    def sample(cfg: ModelConfig, kind: str = "rotate") -> "HeadMixing":
+    def sample(cfg: ModelConfig, kind: str = "rotate",
+               calib: dict[str, torch.Tensor] | None = None, tol: float = 0.05) -> "HeadMixing":
+        """Draw a layer's transform from the CSPRNG.
+
+        calib: true q, k, v rows (N, features) of this layer on calibration input. A random
+        orthogonal matrix aligns by chance with the data's dominant directions (|cos| between a
+        64-dim head and its transform has a spread of ~0.1); with calibration, each R_g and S_g
+        is redrawn until that alignment is below `tol`, so the device's copy is decorrelated
+        from the true tensors, not just scrambled. The constraint is one scalar per matrix."""
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G = nh // nkv
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         sigma = _csprng_perm(nkv)                      # slot j ← true KV head sigma[j]
-        R = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
-        S = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
         q_heads = torch.cat([sigma[j] * G + _csprng_perm(G) for j in range(nkv)])
         groups = q_heads // G
+
+        def cross(x: torch.Tensor, n_heads: int, slots: torch.Tensor) -> list[torch.Tensor]:
+            """Per true head g: Σ over slots holding g of (slot's true rows)ᵀ(g's rows), normalised."""
+            h = x.double().reshape(-1, n_heads, hd)
+            out = [torch.zeros(hd, hd, dtype=torch.float64) for _ in range(nkv)]
+            for slot, src in enumerate(slots.tolist()):
+                c = h[:, slot].t() @ h[:, src]
+                out[src // (n_heads // nkv)] += c / (h[:, slot].norm() * h[:, src].norm() + 1e-30)
+            return out
+
+        def draw(constraints: list[torch.Tensor]) -> torch.Tensor:
+            best, best_score = None, float("inf")
+            for _ in range(200):
+                m = _orthogonal(hd, kind, gen)
+                score = max((float((c * m.double().t()).sum().abs()) for c in constraints), default=0.0)
+                if score < best_score:
+                    best, best_score = m, score
+                if score < tol:
+                    break
+            assert best is not None
+            return best
+
+        if calib is not None:
+            ck, cq, cv = (cross(calib["k"], nkv, sigma), cross(calib["q"], nh, q_heads),
+                          cross(calib["v"], nkv, sigma))
+            R = [draw([ck[g], cq[g]]) for g in range(nkv)]
+            S = [draw([cv[g]]) for g in range(nkv)]
+        else:
+            R = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
+            S = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
         return HeadMixing(q_heads, sigma, torch.stack([R[int(g)] for g in groups]),
                           torch.stack([R[int(g)] for g in sigma]),
                           torch.stack([S[int(g)] for g in sigma]),

@@ -10,7 +10,10 @@ from typing import Any
 
 import torch
 
+from veil.backends.recording import RecordingOps
 from veil.errors import ConfigError
+from veil.model.forward import forward
+from veil.ops import Step
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
 from veil.tee.device import DeviceState, View, serve_in_thread
@@ -22,6 +25,19 @@ from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, PadPool
 def enclave_parameters(cfg: ModelConfig, weights: Weights) -> dict[str, torch.Tensor]:
     """Small parameters the enclave keeps in the clear: norm weights and biases."""
     return {k: v for k, v in weights.items() if "norm" in k or k.endswith(".bias")}
+
+
+def attention_calibration(cfg: ModelConfig, weights: Weights,
+                          tokens: int = 32) -> list[dict[str, torch.Tensor]]:
+    """True q, k, v rows per layer on random tokens (what `HeadMixing.sample` decorrelates from)."""
+    gen = secret_generator()
+    ids = torch.randint(0, cfg.vocab_size, (2, min(tokens, cfg.max_seq_len)), generator=gen)
+    rec = RecordingOps(cfg, weights)
+    with torch.inference_mode():
+        forward(cfg, rec, ids, Step(torch.arange(ids.shape[1]).expand_as(ids), None, 0),
+                rec.new_cache(*ids.shape))
+    found = dict(rec.records)
+    return [{x: found[f"attn{i}.{x}"] for x in "qkv"} for i in range(cfg.n_layers)]
 
 
 class TeeModelOps(EnclaveOps):
@@ -54,7 +70,8 @@ def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> T
     bank = make_factors(cfg, weights, lcfg, gen)
     device_weights = masked_weights(cfg, weights, bank)
     local = enclave_parameters(cfg, weights)
-    perms = [HeadMixing.sample(cfg, mixing) for _ in range(cfg.n_layers)]
+    calib = attention_calibration(cfg, weights)
+    perms = [HeadMixing.sample(cfg, mixing, calib[i]) for i in range(cfg.n_layers)]
     state = DeviceState(record=record)
     state.tensors.update(device_weights)
     channel, _ = serve_in_thread(state)

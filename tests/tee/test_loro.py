@@ -1,0 +1,66 @@
+"""LoRO against plain: exactness, the device view, resident secrets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import veil
+from veil.attacks.audit import audit_run
+from veil.errors import ConfigError
+
+TINY_TOL = 1e-4
+# LoRO's device result carries terms ~(1+mask_ratio)(1+pad_ratio) ≈ 42× larger than y in float32;
+# measured 2e-3 on the default model (see veil/tee/schemes/loro.py).
+DEFAULT_TOL = 5e-3
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
+@pytest.mark.parametrize("options", [{}, {"pads": "fixed"}, {"attention_mixing": "permute", "bank": 0}])
+def test_tiny_matches_plain(preset, options):
+    plain = veil.load(preset)
+    loro = veil.load(preset, scheme="loro", **options)
+    ids = [[3, 17, 99, 5, 42, 7, 250, 11, 64, 2, 9, 130]]
+    assert float((plain.logits(ids) - loro.logits(ids)).abs().max()) <= TINY_TOL
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
+    assert ([g.token_ids for g in plain.generate(prompts, max_new_tokens=16)]
+            == [g.token_ids for g in loro.generate(prompts, max_new_tokens=16)])
+
+
+def test_device_holds_only_masked_weights_and_no_norms():
+    loro = veil.load("tiny-llama", scheme="loro")
+    resident = loro.device_view().resident
+    assert all(k.endswith(".weight") and "norm" not in k for k in resident)
+    assert not any(k.endswith(".bias") for k in resident)
+
+
+def test_invalid_options():
+    with pytest.raises(ConfigError, match="pads must be"):
+        veil.load("tiny-llama", scheme="loro", pads="sometimes")
+    with pytest.raises(ConfigError, match="loro"):
+        veil.load("tiny-llama", scheme="loro", colour="blue")
+    with pytest.raises(ConfigError, match="attention_mixing"):
+        veil.load("tiny-llama", scheme="loro", attention_mixing="shuffle")
+
+
+@pytest.mark.default_model
+def test_default_matches_plain(default_model):
+    loro = veil.load("default", scheme="loro")
+    ids = default_model.encode("The quick brown fox jumps over the lazy dog because")
+    err = float((default_model.logits([ids]) - loro.logits([ids])).abs().max())
+    assert err <= DEFAULT_TOL, err
+    assert (loro.generate(ids, max_new_tokens=32).token_ids
+            == default_model.generate(ids, max_new_tokens=32).token_ids)
+
+
+@pytest.mark.default_model
+def test_default_device_view_audit_and_resident_secrets(default_model):
+    ids = default_model.encode("Alice shared her medical history with the assistant:")
+    report = audit_run("default", "loro", ids, max_new_tokens=8)
+    # every weight and every activation the device holds or receives, against its true counterpart
+    assert report.max_cos_matched < 0.2, report.worst(3)
+    # and against any true weight of its shape
+    assert report.max_cos_weight < 0.2, report.worst(3)
+    loro = veil.load("default", scheme="loro")
+    weight_bytes = default_model.cfg.n_params() * 4
+    assert loro.ops.resident_secret_bytes() < 0.02 * weight_bytes
