@@ -37,3 +37,11 @@ def test_eval_ppl_default():
     res = runner.invoke(app, ["eval", "ppl", "--windows", "2", "--window", "64"])
     assert res.exit_code == 0, res.output
     assert "perplexity" in res.output
+
+
+def test_explain_lists_placement_and_flags_leaks():
+    res = runner.invoke(app, ["explain", "--scheme", "loro"])
+    assert res.exit_code == 0, res.output
+    assert "attention" in res.output and "token ids" in res.output
+    res = runner.invoke(app, ["explain", "--scheme", "nope"])
+    assert res.exit_code == 2 and "no placement" in res.output

@@ -134,6 +134,19 @@ def eval_ppl(model: str = typer.Option("default"),
 
 @app.command()
 @_clean_errors
+def explain(scheme: str = typer.Option("plain", "--scheme", "-s")) -> None:
+    """Where each op of the forward runs under a scheme, and what the untrusted side sees."""
+    from veil.placement import placement
+
+    t = Table("op", "runs on", "device receives", "device holds", "leaks", title=f"scheme {scheme}")
+    for p in placement(scheme):
+        t.add_row(p.op, p.runs_on, p.device_receives, p.device_holds,
+                  f"[bold red]{p.leaks}[/]" if p.leaks else "")
+    out.print(t)
+
+
+@app.command()
+@_clean_errors
 def bench(suite: str = typer.Argument("plain-vs-hf"),
           model: str = typer.Option("default"),
           repeats: int = typer.Option(3),

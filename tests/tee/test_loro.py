@@ -64,3 +64,17 @@ def test_default_device_view_audit_and_resident_secrets(default_model):
     loro = veil.load("default", scheme="loro")
     weight_bytes = default_model.cfg.n_params() * 4
     assert loro.ops.resident_secret_bytes() < 0.02 * weight_bytes
+
+
+def test_placement_matches_the_device_view():
+    """What `veil explain --scheme loro` says the device holds is what it holds."""
+    from veil.placement import placement
+
+    loro = veil.load("tiny-gpt2", scheme="loro", record_view=True)
+    loro.generate([1, 2, 3], max_new_tokens=3)
+    view = loro.device_view()
+    held = {row.op for row in placement("loro") if row.device_holds != "—"}
+    assert held == {"embedding lookup", "q/k/v, o, gate/up, down", "attention", "LM head"}
+    assert {"kv_cache.k", "kv_cache.v", "embed.weight"} <= set(view.resident)
+    ops_received = {name.split(":")[0] for name, _ in view.received}
+    assert ops_received == {"linear", "attention", "rows"}  # rows: token ids and positions
