@@ -45,7 +45,7 @@ def test_invalid_options():
 
 @pytest.mark.default_model
 def test_default_matches_plain(default_model):
-    loro = veil.load("default", scheme="loro")
+    loro = veil.load("default", scheme="loro", verify=True)  # Freivalds: no false alarm either
     ids = default_model.encode("The quick brown fox jumps over the lazy dog because")
     err = float((default_model.logits([ids]) - loro.logits([ids])).abs().max())
     assert err <= DEFAULT_TOL, err
@@ -78,3 +78,25 @@ def test_placement_matches_the_device_view():
     assert {"kv_cache.k", "kv_cache.v", "embed.weight"} <= set(view.resident)
     ops_received = {name.split(":")[0] for name, _ in view.received}
     assert ops_received == {"linear", "attention", "rows"}  # rows: token ids and positions
+
+
+@pytest.mark.parametrize("op", ["linear", "rows"])
+def test_freivalds_catches_a_device_that_alters_one_value(op):
+    plain = veil.load("tiny-llama")
+    loro = veil.load("tiny-llama", scheme="loro", verify=True)
+    assert loro.generate([1, 2, 3], max_new_tokens=8).token_ids == \
+        plain.generate([1, 2, 3], max_new_tokens=8).token_ids   # honest device passes
+    state = loro.ops.device_state
+    honest = getattr(state, f"_op_{op}")
+    calls = {"n": 0}
+
+    def evil(msg):
+        reply = honest(msg)
+        calls["n"] += 1
+        if calls["n"] == 5:                       # one value of one reply, mid-generation
+            reply.tensors[0].view(-1)[3] += 0.5
+        return reply
+
+    setattr(state, f"_op_{op}", evil)
+    with pytest.raises(veil.IntegrityError, match="failed verification"):
+        loro.generate([1, 2, 3], max_new_tokens=8)

@@ -26,6 +26,7 @@ from veil.backends.plain import TorchOps
 from veil.model.config import ModelConfig
 from veil.ops import Step
 from veil.tee.channel import Channel
+from veil.tee.integrity import Freivalds
 from veil.tee.wire import Message
 
 
@@ -159,10 +160,12 @@ class EnclaveOps(TorchOps):
     name = "tee"
 
     def __init__(self, cfg: ModelConfig, local: dict[str, torch.Tensor], protocol: LinearProtocol,
-                 perms: list[HeadMixing], channel: Channel, scheme: str) -> None:
+                 perms: list[HeadMixing], channel: Channel, scheme: str,
+                 verifier: Freivalds | None = None) -> None:
         super().__init__(cfg, local)
         self.protocol, self.perms, self.channel = protocol, perms, channel
         self.name = scheme
+        self.verifier = verifier
 
     def new_cache(self, batch: int, capacity: int) -> None:
         c = self.cfg
@@ -176,6 +179,8 @@ class EnclaveOps(TorchOps):
     def _rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.int64)
         rows = self.channel.call("rows", [flat], name=f"{name}.weight").tensors[0]
+        if self.verifier is not None:
+            self.verifier.check_rows(name, flat, rows)
         return self.protocol.table_rows(name, flat, rows).view(*ids.shape, -1)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -192,6 +197,9 @@ class EnclaveOps(TorchOps):
         self.channel.send(Message("linear", {"names": list(names)}, [x_dev]))
         pre = [self.protocol.precompute(n, flat, ctx) for n in names]    # overlaps the device
         outs = self.channel.reply().tensors
+        if self.verifier is not None:
+            for n, y in zip(names, outs):
+                self.verifier.check_linear(n, x_dev, y)
         return tuple(self.protocol.reveal(n, y, p).view(*lead, -1) for n, y, p in zip(names, outs, pre))
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ from veil.model.config import ModelConfig
 from veil.model.weights import Weights
 from veil.tee.device import DeviceState, View, serve_in_thread
 from veil.tee.enclave import EnclaveOps, HeadMixing
+from veil.tee.integrity import Freivalds
 from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, PadPool, input_groups,
                                    make_factors, masked_weights, secret_generator)
 
@@ -54,11 +55,13 @@ class TeeModelOps(EnclaveOps):
     def resident_secret_bytes(self) -> int:
         perms = sum(p.nbytes() for p in self.perms)
         local = sum(t.nbytes for t in self.w.values())
-        return perms + local + (self.bank.nbytes() if self.bank is not None else 0)
+        checks = self.verifier.nbytes() if self.verifier is not None else 0
+        return perms + local + checks + (self.bank.nbytes() if self.bank is not None else 0)
 
 
 def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> TeeModelOps:
     record = bool(options.pop("record_view", False))
+    verify = bool(options.pop("verify", False))
     mixing = options.pop("attention_mixing", "rotate")
     if mixing not in ("rotate", "permute"):
         raise ConfigError(f"loro: attention_mixing must be 'rotate' or 'permute', got {mixing!r}")
@@ -78,5 +81,10 @@ def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> T
     pool = PadPool(input_groups(cfg), lcfg.pads, lambda n: device_weights[f"{n}.weight"])
     biases = {k: v for k, v in local.items() if k.endswith(".bias") and "norm" not in k}
     protocol = LoroProtocol(cfg, bank, biases, pool, lcfg.pad_ratio)
-    return TeeModelOps(cfg, local, protocol, perms, channel, "loro", device_state=state,
-                       bank=bank, pool=pool)
+    verifier = None
+    if verify:
+        tables = ["embed"] + (["pos_embed"] if cfg.position == "learned" else [])
+        verifier = Freivalds({n.removesuffix(".weight"): w for n, w in device_weights.items()},
+                             {n: device_weights[f"{n}.weight"] for n in tables}, gen)
+    return TeeModelOps(cfg, local, protocol, perms, channel, "loro", verifier=verifier,
+                       device_state=state, bank=bank, pool=pool)

@@ -1,0 +1,57 @@
+"""Freivalds verification of the device's linear results (beyond the papers).
+
+Offline, for each matrix W' (out×in) the device holds, the enclave draws a secret random r (out)
+and keeps u = r·W' (in). Since ỹ = x̃W'ᵀ implies ỹ·r = x̃·u, the enclave checks that per row:
+O(in + out) per row instead of O(in·out). A device that
+alters any output value by more than float rounding is caught with probability ~1 (r is Gaussian
+and secret). Table lookups are checked the same way with E'·w precomputed per row.
+Attention results are not covered (softmax is not linear); the docs say so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from veil.errors import IntegrityError
+
+# relative tolerance: float32 matmul rounding on the device, with LoRO's large pads and masks,
+# stays below ~1e-5 of the terms' scale; an altered value shows up at O(1) of it
+REL_TOL = 1e-4
+
+
+class Freivalds:
+    def __init__(self, matrices: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
+                 gen: torch.Generator) -> None:
+        self.r: dict[str, torch.Tensor] = {}
+        self.u: dict[str, torch.Tensor] = {}
+        for name, w in matrices.items():                               # w: (out, in)
+            r = torch.randn(w.shape[0], generator=gen, dtype=torch.float64)
+            self.r[name], self.u[name] = r, r @ w.double()            # (out,), (in,)
+        self.table_w: dict[str, torch.Tensor] = {}
+        self.table_proj: dict[str, torch.Tensor] = {}
+        for name, t in tables.items():                                 # t: (rows, d)
+            w = torch.randn(t.shape[1], generator=gen, dtype=torch.float64)
+            self.table_w[name], self.table_proj[name] = w, t.double() @ w
+
+    def check_linear(self, name: str, x_dev: torch.Tensor, y_dev: torch.Tensor) -> None:
+        """x_dev (N, in) sent, y_dev (N, out) received: y·r must equal x·u row by row."""
+        r, u = self.r[name], self.u[name]
+        lhs = y_dev.double() @ r
+        rhs = x_dev.double() @ u
+        scale = y_dev.double().abs() @ r.abs() + x_dev.double().abs() @ u.abs()
+        bad = ((lhs - rhs).abs() > REL_TOL * scale + 1e-30).nonzero()
+        if bad.numel():
+            raise IntegrityError(f"device result for {name} failed verification "
+                                 f"(row {int(bad[0, 0])}): the device altered a result")
+
+    def check_rows(self, name: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        w, proj = self.table_w[name], self.table_proj[name]
+        lhs, rhs = rows.double() @ w, proj[ids]
+        scale = rows.double().abs() @ w.abs()
+        bad = ((lhs - rhs).abs() > REL_TOL * scale + 1e-30).nonzero()
+        if bad.numel():
+            raise IntegrityError(f"device rows of {name} failed verification "
+                                 f"(row {int(bad[0, 0])}): the device altered a result")
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for d in (self.r, self.u, self.table_w) for t in d.values())
