@@ -54,7 +54,7 @@ class DeviceState:
         handler = getattr(self, f"_op_{msg.op}", None)
         if handler is None:
             raise ProtocolAbort(f"unknown op {msg.op!r}")
-        if self.record and msg.op not in ("put", "view"):
+        if self.record and msg.op not in ("put", "view", "ping"):
             for i, t in enumerate(msg.tensors):
                 self.received.append((f"{msg.op}:{msg.args.get('names', msg.args.get('layer', ''))}:{i}", t))
         return handler(msg)
@@ -63,6 +63,9 @@ class DeviceState:
         if name not in self.tensors:
             raise ProtocolAbort(f"no tensor {name!r} on the device")
         return self.tensors[name]
+
+    def _op_ping(self, msg: Message) -> Message:
+        return Message("ok")
 
     def _op_put(self, msg: Message) -> Message:
         names = msg.args.get("names", [])
@@ -125,9 +128,13 @@ class DeviceState:
         return View(resident, list(self.received))
 
     def _op_view(self, msg: Message) -> Message:
+        """One page of the view (a frame carries at most 64 tensors): args.offset → names, tensors
+        and the total count."""
         v = self.view()
-        names = list(v.resident) + [f"received/{n}" for n, _ in v.received]
-        return Message("view", {"names": names}, list(v.resident.values()) + [t for _, t in v.received])
+        items = list(v.resident.items()) + [(f"received/{n}", t) for n, t in v.received]
+        start = int(msg.args.get("offset", 0))
+        page = items[start:start + 32]
+        return Message("view", {"names": [n for n, _ in page], "total": len(items)}, [t for _, t in page])
 
 
 def serve(channel: Channel, state: DeviceState) -> None:
@@ -141,9 +148,13 @@ def serve(channel: Channel, state: DeviceState) -> None:
         try:
             reply = state.handle(msg)
         except (ProtocolAbort, KeyError, ValueError, RuntimeError, TypeError) as exc:
-            channel.send(Message(ERROR_OP, {"message": f"{msg.op}: {exc}"}))
+            reply = Message(ERROR_OP, {"message": f"{msg.op}: {exc}"})
+        try:
+            channel.send(reply)
+        except ProtocolAbort:
+            return  # the enclave is gone: nothing left to serve
+        if reply.op == ERROR_OP:
             return
-        channel.send(reply)
 
 
 def serve_in_thread(state: DeviceState, timeout_s: float = 30.0) -> tuple[Channel, threading.Thread]:

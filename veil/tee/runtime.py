@@ -1,12 +1,14 @@
 """Assembling a TEE-split model: protect the weights, start the device, hand the enclave its Ops.
 
-In-process mode (this module's `start_*` functions): the device is served from a thread over a
-socketpair — the same framing, counting and view recording as a separate device process.
+The device runs in a thread (tests; same framing and counting over a socketpair) or in its own
+OS process (veil/tee/process.py), which holds the masked weights and nothing else.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -16,11 +18,15 @@ from veil.model.forward import forward
 from veil.ops import Step
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.device import DeviceState, View, serve_in_thread
+from safetensors.torch import save_file
+
+from veil.tee.device import DeviceState, View
+from veil.tee.process import DeviceHandle, SafetensorsReader
 from veil.tee.enclave import EnclaveOps, HeadMixing
 from veil.tee.integrity import Freivalds
-from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, PadPool, input_groups,
-                                   make_factors, masked_weights, secret_generator)
+from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, PadPool,
+                                   input_groups, make_factors, masked_matrices, masked_weights,
+                                   secret_generator)
 
 
 def enclave_parameters(cfg: ModelConfig, weights: Weights) -> dict[str, torch.Tensor]:
@@ -44,13 +50,29 @@ def attention_calibration(cfg: ModelConfig, weights: Weights,
 class TeeModelOps(EnclaveOps):
     """The enclave Ops plus what the harness may ask of the run: the device view and costs."""
 
-    def __init__(self, *args: Any, device_state: DeviceState, bank: FactorBank | None = None,
+    def __init__(self, *args: Any, device: "DeviceHandle", bank: FactorBank | None = None,
                  pool: PadPool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.device_state, self.bank, self.pool = device_state, bank, pool
+        self.device, self.bank, self.pool = device, bank, pool
+
+    @property
+    def device_state(self) -> DeviceState:
+        if self.device.state is None:
+            raise ConfigError("the device runs in another process; use device_view()")
+        return self.device.state
 
     def device_view(self) -> View:
-        return self.device_state.view()
+        if self.device.state is not None:
+            return self.device.state.view()
+        items: list[tuple[str, torch.Tensor]] = []
+        while True:
+            msg = self.channel.call("view", offset=len(items))
+            items += list(zip(msg.args["names"], msg.tensors))
+            if len(items) >= msg.args["total"] or not msg.tensors:
+                break
+        resident = {n: t for n, t in items if not n.startswith("received/")}
+        received = [(n.removeprefix("received/"), t) for n, t in items if n.startswith("received/")]
+        return View(resident, received)
 
     def resident_secret_bytes(self) -> int:
         perms = sum(p.nbytes() for p in self.perms)
@@ -58,33 +80,63 @@ class TeeModelOps(EnclaveOps):
         checks = self.verifier.nbytes() if self.verifier is not None else 0
         return perms + local + checks + (self.bank.nbytes() if self.bank is not None else 0)
 
+    def close(self) -> None:
+        self.channel.close()
+        self.device.stop()
 
-def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> TeeModelOps:
-    record = bool(options.pop("record_view", False))
-    verify = bool(options.pop("verify", False))
+
+def _loro_options(options: dict[str, Any]) -> tuple[LoroConfig, str]:
     mixing = options.pop("attention_mixing", "rotate")
     if mixing not in ("rotate", "permute"):
         raise ConfigError(f"loro: attention_mixing must be 'rotate' or 'permute', got {mixing!r}")
     try:
-        lcfg = LoroConfig(**options)
+        return LoroConfig(**options), mixing
     except TypeError as exc:
         raise ConfigError(f"loro: {exc}") from None
-    gen = secret_generator()
-    bank = make_factors(cfg, weights, lcfg, gen)
+
+
+def protect_loro(cfg: ModelConfig, weights: Weights,
+                 options: dict[str, Any]) -> tuple[LoroSecrets, dict[str, torch.Tensor]]:
+    """The offline step (in the TEE, at the owner's): secrets to seal, and the device's weights."""
+    lcfg, mixing = _loro_options(dict(options))
+    bank = make_factors(cfg, weights, lcfg, secret_generator())
     device_weights = masked_weights(cfg, weights, bank)
-    local = enclave_parameters(cfg, weights)
     calib = attention_calibration(cfg, weights)
     perms = [HeadMixing.sample(cfg, mixing, calib[i]) for i in range(cfg.n_layers)]
-    state = DeviceState(record=record)
-    state.tensors.update(device_weights)
-    channel, _ = serve_in_thread(state)
-    pool = PadPool(input_groups(cfg), lcfg.pads, lambda n: device_weights[f"{n}.weight"])
-    biases = {k: v for k, v in local.items() if k.endswith(".bias") and "norm" not in k}
-    protocol = LoroProtocol(cfg, bank, biases, pool, lcfg.pad_ratio)
+    return LoroSecrets(lcfg, mixing, bank, enclave_parameters(cfg, weights), perms), device_weights
+
+
+def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, device: DeviceHandle,
+             weight_of: Callable[[str], torch.Tensor], verify: bool) -> TeeModelOps:
+    """The online enclave over a running device."""
+    pool = PadPool(input_groups(cfg), secrets_.lcfg.pads, weight_of)
+    biases = {k: v for k, v in secrets_.local.items() if k.endswith(".bias") and "norm" not in k}
+    protocol = LoroProtocol(cfg, secrets_.bank, biases, pool, secrets_.lcfg.pad_ratio)
     verifier = None
     if verify:
+        names = masked_matrices(cfg)
         tables = ["embed"] + (["pos_embed"] if cfg.position == "learned" else [])
-        verifier = Freivalds({n.removesuffix(".weight"): w for n, w in device_weights.items()},
-                             {n: device_weights[f"{n}.weight"] for n in tables}, gen)
-    return TeeModelOps(cfg, local, protocol, perms, channel, "loro", verifier=verifier,
-                       device_state=state, bank=bank, pool=pool)
+        verifier = Freivalds({n: weight_of(n) for n in names}, {n: weight_of(n) for n in tables},
+                             secret_generator())
+    return TeeModelOps(cfg, dict(secrets_.local), protocol, secrets_.perms, device.channel, "loro",
+                       verifier=verifier, device=device, bank=secrets_.bank, pool=pool)
+
+
+def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> TeeModelOps:
+    """`veil.load(model, scheme="loro")`: protect in memory, then run (device in a thread or, with
+    device="process", in its own process reading the masked weights from a private temp folder)."""
+    record = bool(options.pop("record_view", False))
+    verify = bool(options.pop("verify", False))
+    mode = options.pop("device", "thread")
+    secrets_, device_weights = protect_loro(cfg, weights, options)
+    if mode == "thread":
+        device = DeviceHandle.in_thread(device_weights, record)
+        return run_loro(cfg, secrets_, device, lambda n: device_weights[f"{n}.weight"], verify)
+    if mode != "process":
+        raise ConfigError(f"device must be 'thread' or 'process', got {mode!r}")
+    folder = Path(tempfile.mkdtemp(prefix="veil-device-"))
+    save_file(device_weights, str(folder / "model.safetensors"))
+    del device_weights
+    device = DeviceHandle.in_process(folder / "model.safetensors", record, cleanup=folder)
+    reader = SafetensorsReader(folder / "model.safetensors")
+    return run_loro(cfg, secrets_, device, reader.weight, verify)

@@ -254,3 +254,52 @@ class LoroProtocol:
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
         B, A, gamma = self.bank.factors(name)
         return rows_dev - gamma * (A[:, ids].t() @ B.t())                 # (N, d)
+
+
+@dataclass
+class LoroSecrets:
+    """Everything the enclave keeps: what `veil protect` seals into enclave.sealed."""
+
+    lcfg: LoroConfig
+    mixing: str
+    bank: FactorBank
+    local: dict[str, torch.Tensor]          # norm weights and biases
+    perms: list  # list[HeadMixing]
+
+    def to_sealable(self) -> tuple[dict[str, torch.Tensor], dict]:
+        t: dict[str, torch.Tensor] = {f"local.{k}": v for k, v in self.local.items()}
+        t.update({f"bank.b.{d}": v for d, v in self.bank.bank_b.items()})
+        t.update({f"bank.a.{d}": v for d, v in self.bank.bank_a.items()})
+        gammas = {}
+        for n, (alpha, beta, g) in self.bank.coef.items():
+            t[f"coef.alpha.{n}"], t[f"coef.beta.{n}"], gammas[n] = alpha, beta, g
+        for n, (B, A, g) in self.bank.direct.items():
+            t[f"direct.B.{n}"], t[f"direct.A.{n}"], gammas[n] = B, A, g
+        for i, p in enumerate(self.perms):
+            for f in ("q_heads", "k_heads", "r_q", "r_k", "s_v", "s_out"):
+                t[f"mix.{i}.{f}"] = getattr(p, f)
+        meta = {"lcfg": {k: getattr(self.lcfg, k) for k in ("rank", "bank", "mask_ratio", "pad_ratio", "pads")},
+                "mixing": self.mixing, "gammas": gammas, "layers": len(self.perms)}
+        return t, meta
+
+    @staticmethod
+    def from_sealed(t: dict[str, torch.Tensor], meta: dict) -> "LoroSecrets":
+        from veil.tee.enclave import HeadMixing
+
+        bank = FactorBank(rank=int(meta["lcfg"]["rank"]))
+        gammas = meta["gammas"]
+        for k, v in t.items():
+            kind, _, rest = k.partition(".")
+            if kind == "bank":
+                side, _, dim = rest.partition(".")
+                (bank.bank_b if side == "b" else bank.bank_a)[int(dim)] = v
+            elif kind == "coef" and rest.startswith("alpha."):
+                n = rest.removeprefix("alpha.")
+                bank.coef[n] = (v, t[f"coef.beta.{n}"], float(gammas[n]))
+            elif kind == "direct" and rest.startswith("B."):
+                n = rest.removeprefix("B.")
+                bank.direct[n] = (v, t[f"direct.A.{n}"], float(gammas[n]))
+        perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r_q", "r_k", "s_v", "s_out")))
+                 for i in range(int(meta["layers"]))]
+        local = {k.removeprefix("local."): v for k, v in t.items() if k.startswith("local.")}
+        return LoroSecrets(LoroConfig(**meta["lcfg"]), meta["mixing"], bank, local, perms)
