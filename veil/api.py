@@ -183,21 +183,38 @@ class Model:
         return out.float()
 
 
-def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -> Model:
-    """Load a model (`"default"`, a tiny preset name, an HF folder or a .gguf) under a scheme."""
-    if scheme not in SCHEMES:
-        raise UnsupportedError(f"unknown scheme {scheme!r} (available: {', '.join(SCHEMES)})")
+@dataclass
+class OpenedModel:
+    """A model's plaintext parts, before any scheme touches them."""
+
+    cfg: ModelConfig
+    weights: Weights
+    tokenizer: Tokenizer | None
+    folder: Path | None       # the HF folder (None for presets)
+    source: str
+
+
+def open_model(model: str | Path) -> OpenedModel:
+    """Resolve and read a model (`"default"`, a tiny preset, an HF folder or a .gguf)."""
     where = zoo.resolve(model)
-    tokenizer = None
     if isinstance(where, str):
         cfg = zoo.preset(where)
-        weights = zoo.random_weights(cfg)
-        source = where
-    else:
-        cfg = load_config(where)
-        weights = load_weights(where, cfg)
-        tokenizer = Tokenizer(where) if Tokenizer.present(where) else None
-        source = str(model)
-    ops = SCHEMES[scheme](cfg, weights, dict(options))
-    check_support(ops, cfg)
-    return Model(cfg, ops, scheme, tokenizer, source)
+        return OpenedModel(cfg, zoo.random_weights(cfg), None, None, where)
+    cfg = load_config(where)
+    tokenizer = Tokenizer(where) if Tokenizer.present(where) else None
+    return OpenedModel(cfg, load_weights(where, cfg), tokenizer, where, str(model))
+
+
+def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -> Model:
+    """Load a model under a scheme: `"default"`, a tiny preset name, an HF folder, a .gguf, or a
+    protected artifact folder made by `veil protect` (its scheme is recorded in it)."""
+    from veil.tee.artifact import is_artifact, load_artifact
+
+    if is_artifact(model):
+        return load_artifact(Path(model), scheme, options)
+    if scheme not in SCHEMES:
+        raise UnsupportedError(f"unknown scheme {scheme!r} (available: {', '.join(SCHEMES)})")
+    opened = open_model(model)
+    ops = SCHEMES[scheme](opened.cfg, opened.weights, dict(options))
+    check_support(ops, opened.cfg)
+    return Model(opened.cfg, ops, scheme, opened.tokenizer, opened.source)

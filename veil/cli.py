@@ -46,11 +46,14 @@ def generate(prompt: str = typer.Argument("Once upon a time", help="text to cont
              seed: Optional[int] = typer.Option(None, help="seed for sampling (reproducible runs)"),
              stop: list[str] = typer.Option([], help="stop string (repeatable)"),
              chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
-             stream: bool = typer.Option(False, help="print tokens as they come")) -> None:
+             stream: bool = typer.Option(False, help="print tokens as they come"),
+             key_file: Optional[str] = typer.Option(None, "--key-file",
+                                                    help="sealing key of a protected artifact")) -> None:
     """Generate text and print it with a one-line cost summary."""
     import veil
 
-    m = veil.load(model, scheme=scheme)
+    options = {"key_file": key_file} if key_file else {}
+    m = veil.load(model, scheme=scheme, **options)
     prompt_ids: object = prompt
     if m.tokenizer is None:
         try:
@@ -130,6 +133,23 @@ def eval_ppl(model: str = typer.Option("default"),
     r = perplexity(m, ids, window=window, max_windows=windows, corpus=corpus)
     out.print(f"{corpus} held-out · {r.windows}×{r.window_len} tokens · perplexity "
               f"{r.perplexity:.2f} · top-1 accuracy {r.top1_accuracy:.3f}", highlight=False)
+
+
+@app.command()
+@_clean_errors
+def protect(model: str = typer.Argument("default"),
+            scheme: str = typer.Option("loro", "--scheme", "-s"),
+            out: str = typer.Option(..., "--out", help="a new folder for the artifact"),
+            key_file: Optional[str] = typer.Option(None, "--key-file",
+                                                   help="sealing key (created if missing; "
+                                                        "else $VEIL_SEAL_KEY); never inside --out")) -> None:
+    """Protect a model: DIR/device (what the untrusted side holds) + DIR/enclave.sealed."""
+    from pathlib import Path
+
+    from veil.tee.artifact import protect as do_protect
+
+    folder = do_protect(model, scheme, Path(out), Path(key_file) if key_file else None)
+    print(f"protected {model} for {scheme} → {folder}")
 
 
 @app.command()

@@ -25,6 +25,8 @@ from veil.tee.wire import Message, decode, encode
 MAGIC = b"VEILSEAL"
 VERSION = 1
 KEY_ENV = "VEIL_SEAL_KEY"
+# a sealed file holds every secret tensor of a model (hundreds); it is authenticated before parsing
+_SEALED_LIMITS = {"max_header": 1 << 26, "max_tensors": 1 << 20}
 
 
 def new_key() -> bytes:
@@ -72,7 +74,8 @@ def seal(tensors: dict[str, torch.Tensor], key: bytes, purpose: str,
          meta: dict | None = None) -> bytes:
     """Encrypt named tensors (and JSON-safe metadata) for `purpose`."""
     names = list(tensors)
-    frame = encode(Message(purpose, {"names": names, "meta": meta or {}}, [tensors[n] for n in names]))
+    frame = encode(Message(purpose, {"names": names, "meta": meta or {}}, [tensors[n] for n in names]),
+                   max_header=_SEALED_LIMITS["max_header"])
     nonce = secrets.token_bytes(12)
     header = MAGIC + bytes([VERSION])
     return header + nonce + AESGCM(key).encrypt(nonce, frame, header + purpose.encode())
@@ -92,7 +95,7 @@ def unseal(blob: bytes, key: bytes, purpose: str, source: str = "sealed data") -
         raise IntegrityError(f"{source}: authentication failed (tampered, truncated, wrong key, "
                              f"or sealed for another purpose than {purpose!r})") from None
     try:
-        msg = decode(frame)
+        msg = decode(frame, **_SEALED_LIMITS)
     except ProtocolAbort as exc:  # authentic but unparsable: a bug on the sealing side
         raise IntegrityError(f"{source}: authentic but malformed content ({exc})") from None
     names = msg.args.get("names", [])

@@ -41,7 +41,7 @@ class Message:
     tensors: list[torch.Tensor] = field(default_factory=list)
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message, max_header: int = MAX_HEADER) -> bytes:
     """Serialise a message into one frame."""
     descs, blobs = [], []
     for t in msg.tensors:
@@ -52,24 +52,25 @@ def encode(msg: Message) -> bytes:
         blobs.append(arr.numpy().tobytes() if arr.numel() else b"")
     header = json.dumps({"op": msg.op, "args": msg.args, "tensors": descs},
                         separators=(",", ":")).encode()
-    if len(header) > MAX_HEADER:
-        raise ProtocolAbort(f"header of {len(header)} bytes exceeds {MAX_HEADER}")
+    if len(header) > max_header:
+        raise ProtocolAbort(f"header of {len(header)} bytes exceeds {max_header}")
     return PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
 
 
-def parse_prefix(prefix: bytes) -> int:
+def parse_prefix(prefix: bytes, max_header: int = MAX_HEADER) -> int:
     """Check the fixed prefix; returns the header length."""
     magic, version, header_len = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise ProtocolAbort(f"peer sent a frame with bad magic {magic!r}")
     if version != VERSION:
         raise ProtocolAbort(f"peer speaks wire version {version}, expected {VERSION}")
-    if header_len > MAX_HEADER:
-        raise ProtocolAbort(f"peer announced a {header_len}-byte header (limit {MAX_HEADER})")
+    if header_len > max_header:
+        raise ProtocolAbort(f"peer announced a {header_len}-byte header (limit {max_header})")
     return header_len
 
 
-def parse_header(raw: bytes) -> tuple[dict[str, Any], list[tuple[torch.dtype, tuple[int, ...], int]]]:
+def parse_header(raw: bytes, max_tensors: int = MAX_TENSORS
+                 ) -> tuple[dict[str, Any], list[tuple[torch.dtype, tuple[int, ...], int]]]:
     """Validate a header; returns it with (dtype, shape, nbytes) per tensor."""
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -78,8 +79,8 @@ def parse_header(raw: bytes) -> tuple[dict[str, Any], list[tuple[torch.dtype, tu
     if (not isinstance(header, dict) or not isinstance(header.get("op"), str)
             or not isinstance(header.get("args"), dict) or not isinstance(header.get("tensors"), list)):
         raise ProtocolAbort("peer sent a header without op/args/tensors")
-    if len(header["tensors"]) > MAX_TENSORS:
-        raise ProtocolAbort(f"peer sent {len(header['tensors'])} tensors (limit {MAX_TENSORS})")
+    if len(header["tensors"]) > max_tensors:
+        raise ProtocolAbort(f"peer sent {len(header['tensors'])} tensors (limit {max_tensors})")
     specs, total = [], 0
     for d in header["tensors"]:
         dtype = _DTYPES.get(d.get("dtype")) if isinstance(d, dict) else None
@@ -109,15 +110,15 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
             torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8}[dtype]
 
 
-def decode(frame: bytes) -> Message:
-    """Parse one complete frame (used by tests and by in-memory transports)."""
+def decode(frame: bytes, max_header: int = MAX_HEADER, max_tensors: int = MAX_TENSORS) -> Message:
+    """Parse one complete frame. Sealed files (authenticated before parsing) pass larger limits."""
     if len(frame) < PREFIX.size:
         raise ProtocolAbort("truncated frame")
-    header_len = parse_prefix(frame[:PREFIX.size])
+    header_len = parse_prefix(frame[:PREFIX.size], max_header)
     raw = frame[PREFIX.size:PREFIX.size + header_len]
     if len(raw) < header_len:
         raise ProtocolAbort("truncated frame header")
-    header, specs = parse_header(raw)
+    header, specs = parse_header(raw, max_tensors)
     payload = frame[PREFIX.size + header_len:]
     if len(payload) != sum(n for _, _, n in specs):
         raise ProtocolAbort(f"frame payload has {len(payload)} bytes, header announced "

@@ -1,0 +1,80 @@
+"""veil protect → DIR; veil.load(DIR): same tokens; tampering and wrong keys are refused."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+import veil
+from veil.cli import app
+from veil.errors import ConfigError, IntegrityError
+from veil.tee.artifact import protect
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("art")
+    key = root / "keys" / "veil.key"
+    protect("tiny-llama", "loro", root / "out", key_file=key)
+    return root / "out", key
+
+
+def test_layout_and_round_trip(artifact):
+    folder, key = artifact
+    assert (folder / "device" / "model.safetensors").is_file()
+    assert (folder / "enclave.sealed").is_file() and not list(folder.rglob("*.key"))
+    plain = veil.load("tiny-llama")
+    m = veil.load(folder, key_file=key, verify=True)
+    assert m.scheme == "loro"
+    assert m.generate([1, 2, 3], max_new_tokens=10).token_ids == \
+        plain.generate([1, 2, 3], max_new_tokens=10).token_ids
+    m.ops.close()
+
+
+def test_wrong_key_and_tampering_refused(artifact, tmp_path):
+    import shutil
+
+    folder, key = artifact
+    other = tmp_path / "other.key"
+    from veil.tee.sealing import write_key
+
+    write_key(other)
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        veil.load(folder, key_file=other)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    blob = bytearray((copy / "enclave.sealed").read_bytes())
+    blob[100] ^= 1
+    (copy / "enclave.sealed").write_bytes(bytes(blob))
+    with pytest.raises(IntegrityError):
+        veil.load(copy, key_file=key)
+    shutil.copy(folder / "enclave.sealed", copy / "enclave.sealed")
+    dev = bytearray((copy / "device" / "model.safetensors").read_bytes())
+    dev[-3] ^= 1
+    (copy / "device" / "model.safetensors").write_bytes(bytes(dev))
+    with pytest.raises(IntegrityError, match="device weights differ"):
+        veil.load(copy, key_file=key)
+    (copy / "enclave.sealed").write_bytes(b"VEILSEAL")
+    with pytest.raises(IntegrityError, match="truncated"):
+        veil.load(copy, key_file=key)
+
+
+def test_protect_refuses_to_overwrite_or_store_the_key_inside(artifact, tmp_path):
+    folder, key = artifact
+    with pytest.raises(ConfigError, match="not empty"):
+        protect("tiny-llama", "loro", folder, key_file=key)
+    with pytest.raises(ConfigError, match="must not be inside"):
+        protect("tiny-llama", "loro", tmp_path / "new", key_file=tmp_path / "new" / "k")
+
+
+def test_cli_protect_and_generate(tmp_path):
+    runner = CliRunner()
+    key = tmp_path / "k"
+    res = runner.invoke(app, ["protect", "tiny-gpt2", "--out", str(tmp_path / "a"), "--key-file", str(key)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["generate", "1 2 3", "--model", str(tmp_path / "a"), "--key-file",
+                              str(key), "-n", "4"])
+    assert res.exit_code == 0, res.output
+    assert "[loro]" in res.output
+    res = runner.invoke(app, ["generate", "1 2 3", "--model", str(tmp_path / "a"), "-n", "4"])
+    assert res.exit_code == 2 and "no sealing key" in res.output

@@ -1,0 +1,123 @@
+"""Protected artifacts: `veil protect MODEL --scheme S --out DIR`, and `veil.load(DIR)`.
+
+DIR/device/model.safetensors  everything the untrusted side may hold (masked weights)
+DIR/device/config.json        the architecture (public: the attacker knows it anyway)
+DIR/enclave.sealed            the enclave's secrets, AES-256-GCM (veil/tee/sealing.py), with the
+                              digest of the device weights it was made with
+DIR/tokenizer files           public
+DIR/veil-artifact.json        {"scheme": …, "format": 1}
+The sealing key never goes into DIR: it comes from a key file outside it or $VEIL_SEAL_KEY.
+Nothing runs on unverified secrets: the sealed file is authenticated before it is parsed, and the
+device weights are checked against the sealed digest before the enclave uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from veil.errors import ConfigError, IntegrityError, UnsupportedError
+from veil.model.config import hf_config_dict, load_config
+from veil.model.tokenizer import Tokenizer
+from veil.tee.process import DeviceHandle, SafetensorsReader, file_sha256
+from veil.tee.sealing import read_key, seal, unseal, write_key
+
+ARTIFACT = "veil-artifact.json"
+FORMAT = 1
+PROTECTABLE = ("loro",)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+def is_artifact(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / ARTIFACT).is_file()
+
+
+def _key_for_protect(out: Path, key_file: Path | None) -> bytes:
+    if key_file is None:
+        return read_key(None)
+    key_file = Path(key_file).resolve()
+    if out.resolve() in key_file.parents:
+        raise ConfigError(f"the key file {key_file} must not be inside the artifact folder {out}")
+    return read_key(key_file) if key_file.exists() else write_key(key_file)
+
+
+def protect(model: str | Path, scheme: str, out: Path, key_file: Path | None = None,
+            **options: Any) -> Path:
+    """Protect a model for `scheme` into a new folder `out`."""
+    from veil.api import open_model
+    from veil.tee.runtime import protect_loro
+
+    if scheme not in PROTECTABLE:
+        raise UnsupportedError(f"veil protect supports {', '.join(PROTECTABLE)}, not {scheme!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder (nothing is overwritten)")
+    key = _key_for_protect(out, key_file)
+    opened = open_model(model)
+    secrets_, device_weights = protect_loro(opened.cfg, opened.weights, options)
+    (out / "device").mkdir(parents=True, exist_ok=True)
+    save_file(device_weights, str(out / "device" / "model.safetensors"))
+    hf_cfg = (json.loads((opened.folder / "config.json").read_text()) if opened.folder is not None
+              else hf_config_dict(opened.cfg))
+    (out / "device" / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    if opened.folder is not None:
+        for name in _TOKENIZER_FILES:
+            if (opened.folder / name).is_file():
+                shutil.copy(opened.folder / name, out / name)
+    tensors, meta = secrets_.to_sealable()
+    meta["device_sha256"] = file_sha256(out / "device" / "model.safetensors")
+    (out / "enclave.sealed").write_bytes(seal(tensors, key, f"{scheme}/enclave", meta))
+    (out / ARTIFACT).write_text(json.dumps({"scheme": scheme, "format": FORMAT,
+                                            "source": opened.source}, indent=2))
+    return out
+
+
+def load_artifact(folder: Path, scheme: str, options: dict[str, Any]):
+    """Run a protected artifact: unseal the enclave's secrets, check the device weights, start
+    the device (its own process by default), return a `Model`."""
+    from veil.api import Model
+    from veil.ops import check_support
+    from veil.tee.runtime import run_loro
+    from veil.tee.schemes.loro import LoroSecrets
+
+    try:
+        info = json.loads((folder / ARTIFACT).read_text())
+    except json.JSONDecodeError as exc:
+        raise IntegrityError(f"{folder / ARTIFACT}: malformed ({exc})") from None
+    recorded = info.get("scheme")
+    if recorded not in PROTECTABLE or info.get("format") != FORMAT:
+        raise UnsupportedError(f"{folder}: artifact for scheme {recorded!r}, format {info.get('format')!r}")
+    if scheme not in ("plain", recorded):  # "plain" is load()'s default: take the recorded scheme
+        raise ConfigError(f"{folder} was protected for {recorded!r}, not {scheme!r}")
+    options = dict(options)
+    key = read_key(options.pop("key_file", None))
+    sealed = folder / "enclave.sealed"
+    if not sealed.is_file():
+        raise IntegrityError(f"{folder}: enclave.sealed is missing")
+    tensors, meta = unseal(sealed.read_bytes(), key, f"{recorded}/enclave", str(sealed))
+    cfg = load_config(folder / "device")
+    weights_path = folder / "device" / "model.safetensors"
+    reader = SafetensorsReader(weights_path, sha256=meta["device_sha256"])
+    record = bool(options.pop("record_view", False))
+    verify = bool(options.pop("verify", False))
+    mode = options.pop("device", "process")
+    if options:
+        raise ConfigError(f"unknown options for a protected artifact: {sorted(options)}")
+    if mode == "process":
+        device = DeviceHandle.in_process(weights_path, record)
+    elif mode == "thread":
+        from veil.model.weights import read_safetensors
+
+        device = DeviceHandle.in_thread(read_safetensors([weights_path]), record)
+    else:
+        raise ConfigError(f"device must be 'thread' or 'process', got {mode!r}")
+    ops = run_loro(cfg, LoroSecrets.from_sealed(tensors, meta), device, reader.weight, verify)
+    check_support(ops, cfg)
+    tokenizer = Tokenizer(folder) if Tokenizer.present(folder) else None
+    return Model(cfg, ops, recorded, tokenizer, str(folder))
