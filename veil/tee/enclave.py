@@ -77,10 +77,8 @@ class HeadMixing:
 
     q_heads: torch.Tensor    # (nh,)  true query head in each device slot
     k_heads: torch.Tensor    # (nkv,) true KV head in each device slot
-    r_q: torch.Tensor        # (nh, hd, hd)  R of each query slot's group
-    r_k: torch.Tensor        # (nkv, hd, hd)
-    s_v: torch.Tensor        # (nkv, hd, hd)
-    s_out: torch.Tensor      # (nh, hd, hd)  S of each query slot's group (to undo)
+    r: torch.Tensor          # (nkv, hd, hd)  R_g of each true KV group g (for Q and K)
+    s: torch.Tensor          # (nkv, hd, hd)  S_g (for V)
 
     @staticmethod
     def sample(cfg: ModelConfig, kind: str = "rotate",
@@ -97,7 +95,6 @@ class HeadMixing:
         gen = torch.Generator().manual_seed(secrets.randbits(63))
         sigma = _csprng_perm(nkv)                      # slot j ← true KV head sigma[j]
         q_heads = torch.cat([sigma[j] * G + _csprng_perm(G) for j in range(nkv)])
-        groups = q_heads // G
 
         def cross(x: torch.Tensor, n_heads: int, slots: torch.Tensor) -> list[torch.Tensor]:
             """Per true head g: Σ over slots holding g of (slot's true rows)ᵀ(g's rows), normalised."""
@@ -128,10 +125,7 @@ class HeadMixing:
         else:
             R = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
             S = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
-        return HeadMixing(q_heads, sigma, torch.stack([R[int(g)] for g in groups]),
-                          torch.stack([R[int(g)] for g in sigma]),
-                          torch.stack([S[int(g)] for g in sigma]),
-                          torch.stack([S[int(g)] for g in groups]))
+        return HeadMixing(q_heads, sigma, torch.stack(R), torch.stack(S))
 
     @staticmethod
     def _apply(x: torch.Tensor, heads: torch.Tensor, mats: torch.Tensor, hd: int) -> torch.Tensor:
@@ -139,19 +133,24 @@ class HeadMixing:
         xh = x.view(B, T, -1, hd)[:, :, heads]                               # (B, T, H, hd)
         return torch.einsum("bthd,hde->bthe", xh, mats).reshape(B, T, -1)
 
+    def _q_groups(self) -> torch.Tensor:
+        return self.q_heads // (len(self.q_heads) // len(self.k_heads))
+
     def conceal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hd: int):
-        return (self._apply(q, self.q_heads, self.r_q, hd), self._apply(k, self.k_heads, self.r_k, hd),
-                self._apply(v, self.k_heads, self.s_v, hd))
+        return (self._apply(q, self.q_heads, self.r[self._q_groups()], hd),
+                self._apply(k, self.k_heads, self.r[self.k_heads], hd),
+                self._apply(v, self.k_heads, self.s[self.k_heads], hd))
 
     def reveal(self, out: torch.Tensor, hd: int) -> torch.Tensor:
         B, T, _ = out.shape
-        oh = torch.einsum("bthe,hde->bthd", out.view(B, T, -1, hd), self.s_out)  # undo S_g
+        s_out = self.s[self._q_groups()]                                      # (nh, hd, hd)
+        oh = torch.einsum("bthe,hde->bthd", out.view(B, T, -1, hd), s_out)   # undo S_g
         true = torch.empty_like(oh)
         true[:, :, self.q_heads] = oh
         return true.reshape(B, T, -1)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.q_heads, self.k_heads, self.r_k, self.s_v))
+        return sum(t.nbytes for t in (self.q_heads, self.k_heads, self.r, self.s))
 
 
 class EnclaveOps(TorchOps):

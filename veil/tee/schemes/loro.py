@@ -276,7 +276,7 @@ class LoroSecrets:
         for n, (B, A, g) in self.bank.direct.items():
             t[f"direct.B.{n}"], t[f"direct.A.{n}"], gammas[n] = B, A, g
         for i, p in enumerate(self.perms):
-            for f in ("q_heads", "k_heads", "r_q", "r_k", "s_v", "s_out"):
+            for f in ("q_heads", "k_heads", "r", "s"):
                 t[f"mix.{i}.{f}"] = getattr(p, f)
         meta = {"lcfg": {k: getattr(self.lcfg, k) for k in ("rank", "bank", "mask_ratio", "pad_ratio", "pads")},
                 "mixing": self.mixing, "gammas": gammas, "layers": len(self.perms)}
@@ -299,7 +299,7 @@ class LoroSecrets:
             elif kind == "direct" and rest.startswith("B."):
                 n = rest.removeprefix("B.")
                 bank.direct[n] = (v, t[f"direct.A.{n}"], float(gammas[n]))
-        perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r_q", "r_k", "s_v", "s_out")))
+        perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r", "s")))
                  for i in range(int(meta["layers"]))]
         local = {k.removeprefix("local."): v for k, v in t.items() if k.startswith("local.")}
         return LoroSecrets(LoroConfig(**meta["lcfg"]), meta["mixing"], bank, local, perms)
