@@ -107,10 +107,11 @@ def load_artifact(folder: Path, scheme: str, options: dict[str, Any]):
     record = bool(options.pop("record_view", False))
     verify = bool(options.pop("verify", False))
     mode = options.pop("device", "process")
+    threads = options.pop("device_threads", None)
     if options:
         raise ConfigError(f"unknown options for a protected artifact: {sorted(options)}")
     if mode == "process":
-        device = DeviceHandle.in_process(weights_path, record)
+        device = DeviceHandle.in_process(weights_path, record, threads=threads)
     elif mode == "thread":
         from veil.model.weights import read_safetensors
 

@@ -127,27 +127,24 @@ class HeadMixing:
             S = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
         return HeadMixing(q_heads, sigma, torch.stack(R), torch.stack(S))
 
-    @staticmethod
-    def _apply(x: torch.Tensor, heads: torch.Tensor, mats: torch.Tensor, hd: int) -> torch.Tensor:
-        B, T, _ = x.shape
-        xh = x.view(B, T, -1, hd)[:, :, heads]                               # (B, T, H, hd)
-        return torch.einsum("bthd,hde->bthe", xh, mats).reshape(B, T, -1)
-
-    def _q_groups(self) -> torch.Tensor:
-        return self.q_heads // (len(self.q_heads) // len(self.k_heads))
-
+    # Device slots come in groups: slots j·G … j·G+G−1 all hold query heads of true KV group
+    # k_heads[j] (see `sample`), so each group's matrix applies to a (…, G, hd) block by
+    # broadcasting — no per-slot copies of the matrices.
     def conceal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hd: int):
-        return (self._apply(q, self.q_heads, self.r[self._q_groups()], hd),
-                self._apply(k, self.k_heads, self.r[self.k_heads], hd),
-                self._apply(v, self.k_heads, self.s[self.k_heads], hd))
+        B, T, _ = q.shape
+        nkv = len(self.k_heads)
+        r, s = self.r[self.k_heads], self.s[self.k_heads]                  # (nkv, hd, hd)
+        qd = q.view(B, T, -1, hd)[:, :, self.q_heads].view(B, T, nkv, -1, hd) @ r
+        kd = (k.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ r).squeeze(-2)
+        vd = (v.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ s).squeeze(-2)
+        return qd.reshape(B, T, -1), kd.reshape(B, T, -1), vd.reshape(B, T, -1)
 
     def reveal(self, out: torch.Tensor, hd: int) -> torch.Tensor:
         B, T, _ = out.shape
-        s_out = self.s[self._q_groups()]                                      # (nh, hd, hd)
-        oh = torch.einsum("bthe,hde->bthd", out.view(B, T, -1, hd), s_out)   # undo S_g
-        true = torch.empty_like(oh)
-        true[:, :, self.q_heads] = oh
-        return true.reshape(B, T, -1)
+        nkv = len(self.k_heads)
+        s_t = self.s[self.k_heads].transpose(-1, -2)                          # S_gᵀ = S_g⁻¹
+        oh = (out.view(B, T, nkv, -1, hd) @ s_t).reshape(B, T, -1, hd)
+        return oh[:, :, torch.argsort(self.q_heads)].reshape(B, T, -1)        # back to true order
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.q_heads, self.k_heads, self.r, self.s))

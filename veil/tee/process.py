@@ -42,11 +42,15 @@ class DeviceHandle:
 
     @staticmethod
     def in_process(weights: Path, record: bool, cleanup: Path | None = None,
-                   timeout_s: float = 60.0) -> "DeviceHandle":
+                   timeout_s: float = 60.0, threads: int | None = None) -> "DeviceHandle":
+        """Start the device process. threads: its torch thread count (default: torch's choice;
+        on a machine shared with the enclave, 1 keeps the two from fighting over cores)."""
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "veil.tee.process", str(weights), str(theirs.fileno())]
         if record:
             cmd.append("--record")
+        if threads is not None:
+            cmd.append(f"--threads={int(threads)}")
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         handle = DeviceHandle(Channel(ours, timeout_s, "device"), proc=proc, cleanup=cleanup)
@@ -102,6 +106,9 @@ class SafetensorsReader:
 def main(argv: list[str]) -> int:
     weights, fd = Path(argv[0]), int(argv[1])
     record = "--record" in argv[2:]
+    for arg in argv[2:]:
+        if arg.startswith("--threads="):
+            torch.set_num_threads(int(arg.split("=", 1)[1]))
     # the device only answers: it waits for the enclave as long as the enclave lives, and the
     # socket's EOF (the enclave closed or died) ends it
     channel = Channel(socket.socket(fileno=fd), timeout_s=24 * 3600.0, peer="enclave")

@@ -128,6 +128,7 @@ def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> T
     record = bool(options.pop("record_view", False))
     verify = bool(options.pop("verify", False))
     mode = options.pop("device", "thread")
+    threads = options.pop("device_threads", None)
     secrets_, device_weights = protect_loro(cfg, weights, options)
     if mode == "thread":
         device = DeviceHandle.in_thread(device_weights, record)
@@ -137,6 +138,7 @@ def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> T
     folder = Path(tempfile.mkdtemp(prefix="veil-device-"))
     save_file(device_weights, str(folder / "model.safetensors"))
     del device_weights
-    device = DeviceHandle.in_process(folder / "model.safetensors", record, cleanup=folder)
+    device = DeviceHandle.in_process(folder / "model.safetensors", record, cleanup=folder,
+                                     threads=threads)
     reader = SafetensorsReader(folder / "model.safetensors")
     return run_loro(cfg, secrets_, device, reader.weight, verify)
