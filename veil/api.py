@@ -37,7 +37,27 @@ def _loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
     return start_loro(cfg, weights, options)
 
 
-SCHEMES: dict[str, SchemeBuilder] = {"plain": _plain, "loro": _loro}
+def _shielded(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
+    """The whole model inside the enclave (MLCapsule/DarkneTZ-style): the device holds nothing."""
+    if options:
+        raise UnsupportedError(f"scheme 'shielded' takes no options, got {sorted(options)}")
+    ops = TorchOps(cfg, weights)
+    ops.name = "shielded"
+    return ops
+
+
+def _baseline(scheme: str) -> SchemeBuilder:
+    def build(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
+        from veil.tee.schemes.baselines import start_baseline
+
+        return start_baseline(scheme, cfg, weights, options)
+    return build
+
+
+SCHEMES: dict[str, SchemeBuilder] = {
+    "plain": _plain, "loro": _loro, "shielded": _shielded,
+    **{s: _baseline(s) for s in ("tlg", "soter", "nnsplitter", "shadownet")},
+}
 
 Prompt = Union[str, Sequence[int]]
 

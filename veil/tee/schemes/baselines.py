@@ -1,0 +1,216 @@
+"""The TEE-shielded schemes LoRO is measured against, on the same split runtime.
+
+Each hides a weight matrix W (out×in) by one family of transforms, all written as
+    W' = diag(s) · W[π_out][:, π_in] + Δ           (device holds W')
+with the enclave sending x̃ = x[:, π_in] and recovering  y = ((ỹ − x̃Δᵀ) / s)[:, π_out⁻¹] + b.
+  tlg        TransLinkGuard (MM'24): secret permutations π_in, π_out; s = 1, Δ = 0. Attention on
+             the device under head-block permutations.
+  soter      SOTER (ATC'22): one secret scalar μ per matrix (s = μ); the input crosses in the clear.
+             A share of matrices (`enclave_share`, default 0.2) stays in the enclave, as SOTER
+             keeps part of the model inside.
+  nnsplitter NNSplitter (ICML'23): Δ on the `mask_fraction` (default 1%) largest-magnitude weights,
+             noise of the weights' own scale; the input crosses in the clear.
+  shadownet  ShadowNet (S&P'23): per-output-channel scales and permutations of both sides.
+In all but tlg, attention (and its KV cache) and every nonlinear op run in the enclave.
+These are faithful to what each scheme shows the device, not to every engineering detail of the
+original systems; veil/attacks measure what that view gives away against a public prior.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from veil.backends.plain import TorchOps
+from veil.errors import ConfigError
+from veil.model.config import ModelConfig
+from veil.model.weights import Weights
+from veil.tee.enclave import EnclaveOps, _csprng_perm
+from veil.tee.schemes.loro import masked_matrices, secret_generator
+
+BASELINES = ("tlg", "soter", "nnsplitter", "shadownet")
+
+
+@dataclass
+class Obfuscation:
+    """The secret transform of one matrix (see the module docstring)."""
+
+    out_dim: int
+    perm_in: torch.Tensor | None
+    perm_out: torch.Tensor | None
+    scale: torch.Tensor | float
+    delta_idx: torch.Tensor | None = None   # (k, 2) rows, cols of Δ's non-zeros (device layout)
+    delta_val: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        ts = [self.perm_in, self.perm_out, self.delta_idx, self.delta_val,
+              self.scale if isinstance(self.scale, torch.Tensor) else None]
+        return sum(t.nbytes for t in ts if t is not None) + 8
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        out = w
+        if self.perm_out is not None:
+            out = out[self.perm_out]
+        if self.perm_in is not None:
+            out = out[:, self.perm_in]
+        s = self.scale
+        out = out * (s[:, None] if isinstance(s, torch.Tensor) else s)
+        if self.delta_idx is not None:
+            out = out.clone()
+            out[self.delta_idx[:, 0], self.delta_idx[:, 1]] += self.delta_val
+        return out.contiguous()
+
+    def inv_out(self) -> torch.Tensor | None:
+        return None if self.perm_out is None else torch.argsort(self.perm_out)
+
+
+def _obfuscation(scheme: str, w: torch.Tensor, gen: torch.Generator, mask_fraction: float) -> Obfuscation:
+    out_dim, in_dim = w.shape
+    if scheme == "tlg":
+        return Obfuscation(out_dim, _csprng_perm(in_dim), _csprng_perm(out_dim), 1.0)
+    if scheme == "soter":
+        mu = float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)) * (1 if torch.rand((), generator=gen) < 0.5 else -1)
+        return Obfuscation(out_dim, None, None, mu)
+    if scheme == "nnsplitter":
+        k = max(1, int(mask_fraction * w.numel()))
+        flat = w.abs().reshape(-1).topk(k).indices
+        idx = torch.stack([flat // in_dim, flat % in_dim], dim=1)
+        val = w.reshape(-1)[flat].abs().mean() * torch.randn(k, generator=gen) * 4
+        return Obfuscation(out_dim, None, None, 1.0, idx, val)
+    if scheme == "shadownet":
+        scale = torch.empty(out_dim).uniform_(0.5, 2.0, generator=gen)
+        return Obfuscation(out_dim, _csprng_perm(in_dim), _csprng_perm(out_dim), scale)
+    raise ConfigError(f"unknown baseline {scheme!r}")
+
+
+class BaselineProtocol:
+    """The enclave's side: conceal = permute the input; reveal = remove Δ, divide, un-permute."""
+
+    def __init__(self, obf: dict[str, Obfuscation], biases: dict[str, torch.Tensor],
+                 groups: dict[str, tuple[str, ...]]) -> None:
+        self.obf, self.biases = obf, biases
+        self.group_of = {n: g for g, names in groups.items() for n in names}
+        self.enclave_flops = 0
+
+    def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        # one input for the whole group: members share π_in (see protect_baseline)
+        p = self.obf[group].perm_in
+        return (x[:, p] if p is not None else x), None
+
+    def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
+        o = self.obf[name]
+        if o.delta_idx is None:
+            return None
+        x_dev = x[:, o.perm_in] if o.perm_in is not None else x
+        # x̃Δᵀ over Δ's non-zeros only: O(N·k)
+        contrib = x_dev[:, o.delta_idx[:, 1]] * o.delta_val                   # (N, k)
+        self.enclave_flops += 2 * x.shape[0] * len(o.delta_val)
+        return torch.zeros(x.shape[0], o.out_dim).index_add_(1, o.delta_idx[:, 0], contrib)
+
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
+        o = self.obf[name]
+        y = y_dev - pre if pre is not None else y_dev
+        y = y / (o.scale if not isinstance(o.scale, torch.Tensor) else o.scale)
+        inv = o.inv_out()
+        if inv is not None:
+            y = y[:, inv]
+        b = self.biases.get(f"{name}.bias")
+        return y + b if b is not None else y
+
+    def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("baselines keep tables in the enclave")
+
+
+def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]):
+    """(device weights, per-matrix obfuscations, names computed in the enclave)."""
+    if scheme not in BASELINES:
+        raise ConfigError(f"unknown baseline {scheme!r}")
+    share = float(options.pop("enclave_share", 0.2 if scheme == "soter" else 0.0))
+    mask_fraction = float(options.pop("mask_fraction", 0.01))
+    if options:
+        raise ConfigError(f"{scheme}: unknown options {sorted(options)}")
+    gen = secret_generator()
+    from veil.tee.schemes.loro import input_groups
+
+    # the LM head and embedding tables stay in the enclave; a share of the layers' input groups too
+    groups = {g: m for g, m in input_groups(cfg).items() if g.startswith("layers.")}
+    keys = list(groups)
+    n_local = int(round(share * len(keys)))
+    local = {n for i in _csprng_perm(len(keys))[:n_local].tolist() for n in groups[keys[i]]}
+    obf: dict[str, Obfuscation] = {}
+    device: dict[str, torch.Tensor] = {}
+    for g, members in groups.items():
+        shared_in = None
+        for n in members:
+            if n in local:
+                continue
+            o = _obfuscation(scheme, weights[f"{n}.weight"], gen, mask_fraction)
+            if shared_in is None:
+                shared_in = o.perm_in
+            o.perm_in = shared_in       # one input permutation per input group
+            obf[n] = o
+            device[f"{n}.weight"] = o.apply(weights[f"{n}.weight"])
+    return device, obf, local
+
+
+class BaselineOps(EnclaveOps):
+    """Enclave Ops of a baseline: device linears for obfuscated matrices; tables, the LM head,
+    the enclave's share of matrices and (except tlg) attention computed locally."""
+
+    def __init__(self, cfg: ModelConfig, local: dict[str, torch.Tensor], protocol: BaselineProtocol,
+                 perms: list, channel, scheme: str, local_names: set[str], attention_on_device: bool,
+                 device) -> None:
+        super().__init__(cfg, local, protocol, perms, channel, scheme)
+        self.local_names, self.attention_on_device, self.device = local_names, attention_on_device, device
+
+    def new_cache(self, batch: int, capacity: int):
+        if self.attention_on_device:
+            return super().new_cache(batch, capacity)
+        return TorchOps.new_cache(self, batch, capacity)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return TorchOps.embed(self, ids)
+
+    def pos_embed(self, positions: torch.Tensor) -> torch.Tensor:
+        return TorchOps.pos_embed(self, positions)
+
+    def linears(self, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        if names[0] in self.local_names:
+            return tuple(TorchOps.linear(self, x, n) for n in names)
+        return super().linears(x, names)
+
+    def attention(self, layer, q, k, v, step, cache):
+        if self.attention_on_device:
+            return super().attention(layer, q, k, v, step, cache)
+        return TorchOps.attention(self, layer, q, k, v, step, cache)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return TorchOps.lm_head(self, x)
+
+    def device_view(self):
+        return self.device.state.view()
+
+    def resident_secret_bytes(self) -> int:
+        return (sum(t.nbytes for t in self.w.values()) + sum(o.nbytes() for o in self.protocol.obf.values())
+                + sum(p.nbytes() for p in self.perms or []))
+
+
+def start_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> BaselineOps:
+    """`veil.load(model, scheme=…)` for a baseline: protect in memory, device in a thread."""
+    from veil.tee.enclave import HeadMixing
+    from veil.tee.process import DeviceHandle
+    from veil.tee.schemes.loro import input_groups
+
+    record = bool(options.pop("record_view", False))
+    device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, options)
+    keep = {"embed.weight", "pos_embed.weight", "lm_head.weight"}
+    enclave = {k: v for k, v in weights.items()
+               if "norm" in k or k.endswith(".bias") or k in keep or k.rsplit(".", 1)[0] in local_names}
+    on_device = scheme == "tlg"
+    perms = [HeadMixing.sample(cfg, "permute") for _ in range(cfg.n_layers)] if on_device else []
+    device = DeviceHandle.in_thread(device_weights, record)
+    biases = {k: v for k, v in enclave.items() if k.endswith(".bias") and "norm" not in k}
+    protocol = BaselineProtocol(obf, biases, input_groups(cfg))
+    return BaselineOps(cfg, enclave, protocol, perms, device.channel, scheme, local_names, on_device, device)
