@@ -36,7 +36,36 @@ _LORO = [
     Placement("LM head", "device + enclave", "h + s·g", "E' (tied) or W'_head"),
 ]
 
-PLACEMENTS: dict[str, list[Placement]] = {"plain": _PLAIN, "loro": _LORO}
+_ENCLAVE_SIDE = [
+    Placement("embedding, norms, activations, residual adds, LM head", "enclave", "—", "—"),
+]
+
+
+def _baseline(linear_receives: str, holds: str, leaks: str, attention_on_device: bool) -> list[Placement]:
+    rows = _ENCLAVE_SIDE + [Placement("q/k/v, o, gate/up, down", "device + enclave",
+                                      linear_receives, holds, leaks)]
+    if attention_on_device:
+        rows.append(Placement("attention", "device", "Q, K, V under head/feature permutations",
+                              "the KV cache, permuted",
+                              "permutations only: undone by matching against the public prior (MSP)"))
+    else:
+        rows.append(Placement("attention (and the KV cache)", "enclave", "—", "—"))
+    return rows
+
+
+PLACEMENTS: dict[str, list[Placement]] = {
+    "plain": _PLAIN,
+    "loro": _LORO,
+    "shielded": [Placement("everything", "enclave", "—", "—")],
+    "tlg": _baseline("x with features permuted", "W[π_out][:, π_in]",
+                     "weights up to permutations: undone by MSP", True),
+    "soter": _baseline("x in the clear (a share of layers stays in the enclave)", "μ·W",
+                       "inputs in the clear; weights up to one scalar per matrix", False),
+    "nnsplitter": _baseline("x in the clear", "W + Δ (Δ on the 1% largest weights)",
+                            "inputs in the clear; 99% of the weights exactly", False),
+    "shadownet": _baseline("x with features permuted", "diag(s)·W[π_out][:, π_in]",
+                           "weights up to scale and permutation: undone by MSP + rescaling", False),
+}
 
 
 def placement(scheme: str) -> list[Placement]:
