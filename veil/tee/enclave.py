@@ -46,7 +46,7 @@ class LinearProtocol(Protocol):
         """Rows of an obfuscated table (embeddings) → the true rows."""
 
 
-def _csprng_perm(n: int) -> torch.Tensor:
+def csprng_perm(n: int) -> torch.Tensor:
     """A uniformly random permutation of range(n) from the OS CSPRNG (Fisher–Yates)."""
     p = list(range(n))
     for i in range(n - 1, 0, -1):
@@ -58,7 +58,7 @@ def _csprng_perm(n: int) -> torch.Tensor:
 def _orthogonal(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
     """A secret n×n orthogonal matrix: Haar-random (`rotate`) or a permutation (`permute`)."""
     if kind == "permute":
-        return torch.eye(n)[_csprng_perm(n)]
+        return torch.eye(n)[csprng_perm(n)]
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()
 
@@ -93,8 +93,8 @@ class HeadMixing:
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G = nh // nkv
         gen = torch.Generator().manual_seed(secrets.randbits(63))
-        sigma = _csprng_perm(nkv)                      # slot j ← true KV head sigma[j]
-        q_heads = torch.cat([sigma[j] * G + _csprng_perm(G) for j in range(nkv)])
+        sigma = csprng_perm(nkv)                      # slot j ← true KV head sigma[j]
+        q_heads = torch.cat([sigma[j] * G + csprng_perm(G) for j in range(nkv)])
 
         def cross(x: torch.Tensor, n_heads: int, slots: torch.Tensor) -> list[torch.Tensor]:
             """Per true head g: Σ over slots holding g of (slot's true rows)ᵀ(g's rows), normalised."""

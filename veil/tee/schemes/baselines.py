@@ -27,8 +27,9 @@ from veil.backends.plain import TorchOps
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.enclave import EnclaveOps, _csprng_perm
-from veil.tee.schemes.loro import masked_matrices, secret_generator
+from veil.tee.enclave import EnclaveOps, HeadMixing, csprng_perm
+from veil.tee.process import DeviceHandle
+from veil.tee.schemes.loro import input_groups, masked_matrices, secret_generator
 
 BASELINES = ("tlg", "soter", "nnsplitter", "shadownet")
 
@@ -69,7 +70,7 @@ class Obfuscation:
 def _obfuscation(scheme: str, w: torch.Tensor, gen: torch.Generator, mask_fraction: float) -> Obfuscation:
     out_dim, in_dim = w.shape
     if scheme == "tlg":
-        return Obfuscation(out_dim, _csprng_perm(in_dim), _csprng_perm(out_dim), 1.0)
+        return Obfuscation(out_dim, csprng_perm(in_dim), csprng_perm(out_dim), 1.0)
     if scheme == "soter":
         mu = float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)) * (1 if torch.rand((), generator=gen) < 0.5 else -1)
         return Obfuscation(out_dim, None, None, mu)
@@ -81,7 +82,7 @@ def _obfuscation(scheme: str, w: torch.Tensor, gen: torch.Generator, mask_fracti
         return Obfuscation(out_dim, None, None, 1.0, idx, val)
     if scheme == "shadownet":
         scale = torch.empty(out_dim).uniform_(0.5, 2.0, generator=gen)
-        return Obfuscation(out_dim, _csprng_perm(in_dim), _csprng_perm(out_dim), scale)
+        return Obfuscation(out_dim, csprng_perm(in_dim), csprng_perm(out_dim), scale)
     raise ConfigError(f"unknown baseline {scheme!r}")
 
 
@@ -138,7 +139,7 @@ def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: d
     groups = {g: m for g, m in input_groups(cfg).items() if g.startswith("layers.")}
     keys = list(groups)
     n_local = int(round(share * len(keys)))
-    local = {n for i in _csprng_perm(len(keys))[:n_local].tolist() for n in groups[keys[i]]}
+    local = {n for i in csprng_perm(len(keys))[:n_local].tolist() for n in groups[keys[i]]}
     obf: dict[str, Obfuscation] = {}
     device: dict[str, torch.Tensor] = {}
     for g, members in groups.items():
@@ -199,10 +200,6 @@ class BaselineOps(EnclaveOps):
 
 def start_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> BaselineOps:
     """`veil.load(model, scheme=…)` for a baseline: protect in memory, device in a thread."""
-    from veil.tee.enclave import HeadMixing
-    from veil.tee.process import DeviceHandle
-    from veil.tee.schemes.loro import input_groups
-
     record = bool(options.pop("record_view", False))
     device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, options)
     keep = {"embed.weight", "pos_embed.weight", "lm_head.weight"}
