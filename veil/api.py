@@ -161,9 +161,13 @@ class Model:
             return _cut_at_stop(self.decode(generated), s.stop) is not None
 
         streamer = _TextStream(self.decode, stream, s.stop) if stream is not None else None
+        counters = getattr(self.ops, "cost_counters", None)
+        before = counters() if counters is not None else {}
         rows, trace = generate_ids(self.cfg, self.ops, ids, s,
                                    stop_check=stop_check if s.stop else None,
                                    on_token=streamer.push if streamer is not None else None)
+        after = counters() if counters is not None else {}
+        split = {k: after[k] - before.get(k, 0) for k in after}
         out = []
         for r, row in enumerate(rows):
             text = self.decode(row.token_ids)
@@ -171,15 +175,16 @@ class Model:
             if row.finish_reason == "stop" and cut is not None:
                 text = text[:cut]
             out.append(Generation(text, row.token_ids, row.finish_reason,
-                                  self._cost(trace, len(ids[r]), len(row.token_ids))))
+                                  self._cost(trace, len(ids[r]), len(row.token_ids), split)))
         if streamer is not None:
             streamer.finish(out[0].text)
         return out[0] if single else out
 
-    def _cost(self, trace: GenerationTrace, prompt_len: int, new: int) -> Cost:
+    def _cost(self, trace: GenerationTrace, prompt_len: int, new: int,
+              split: dict[str, float]) -> Cost:
         flops = forward_flops(self.cfg, prompt_len, prompt_len, head_tokens=1)
         flops += sum(forward_flops(self.cfg, 1, prompt_len + i + 1) for i in range(max(new - 1, 0)))
-        return Cost(self.scheme, prompt_len, new, trace.prefill_s, trace.decode_s, flops)
+        return Cost(self.scheme, prompt_len, new, trace.prefill_s, trace.decode_s, flops, split)
 
     def device_view(self):
         """What the untrusted device saw and holds (TEE schemes; load with record_view=True to

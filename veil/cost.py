@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from veil.model.config import ModelConfig
 
@@ -29,6 +29,9 @@ class Cost:
     prefill_s: float
     decode_s: float
     flops: int
+    # split schemes: counters over this generation (whole batch) — bytes_sent, bytes_received,
+    # round_trips, enclave_flops, device_flops, offline_flops, offline_s
+    split: dict[str, float] = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -36,6 +39,14 @@ class Cost:
         return steps / self.decode_s if self.decode_s > 0 else float("nan")
 
     def summary(self) -> str:
-        return (f"[{self.scheme}] prompt {self.prompt_tokens} tok, prefill {self.prefill_s:.2f} s · "
+        line = (f"[{self.scheme}] prompt {self.prompt_tokens} tok, prefill {self.prefill_s:.2f} s · "
                 f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s · "
                 f"{self.flops / 1e9:.2f} GFLOP")
+        if self.split:
+            tokens = max(self.prompt_tokens + self.new_tokens, 1)
+            moved = self.split.get("bytes_sent", 0) + self.split.get("bytes_received", 0)
+            line += (f" · channel {moved / tokens / 1024:.1f} KiB/tok, "
+                     f"{self.split.get('round_trips', 0) / tokens:.0f} round trips/tok")
+            if "enclave_flops" in self.split:
+                line += f" · enclave {self.split['enclave_flops'] / 1e6:.1f} MFLOP"
+        return line

@@ -101,3 +101,14 @@ def test_freivalds_catches_a_device_that_alters_one_value(op):
     setattr(state, f"_op_{op}", evil)
     with pytest.raises(veil.IntegrityError, match="failed verification"):
         loro.generate([1, 2, 3], max_new_tokens=8)
+
+
+@pytest.mark.parametrize("preset, gated", [("tiny-llama", True), ("tiny-gpt2", False)])
+def test_round_trips_per_decode_step(preset, gated):
+    """One decode step = per layer: q/k/v, attention, o, gate/up (or up), down — plus the
+    embedding rows (and gpt2's position rows) and the LM head. A change that adds a round trip fails."""
+    loro = veil.load(preset, scheme="loro")
+    one = loro.generate([1, 2, 3], max_new_tokens=1).cost.split["round_trips"]
+    two = loro.generate([1, 2, 3], max_new_tokens=2).cost.split["round_trips"]
+    tables = 1 if gated else 2
+    assert two - one == 5 * loro.cfg.n_layers + tables + 1

@@ -163,6 +163,17 @@ class EnclaveOps(TorchOps):
         self.name = scheme
         self.verifier = verifier
 
+    def cost_counters(self) -> dict[str, float]:
+        """Running totals of this enclave's traffic and work (see `Cost.split`)."""
+        st = self.channel.stats
+        out = {"bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
+               "round_trips": st.round_trips,
+               "enclave_flops": getattr(self.protocol, "enclave_flops", 0)}
+        pool = getattr(self.protocol, "pool", None)
+        if pool is not None:
+            out["offline_flops"], out["offline_s"] = pool.cost.flops, pool.cost.seconds
+        return out
+
     def new_cache(self, batch: int, capacity: int) -> None:
         c = self.cfg
         self.channel.call("cache", layers=c.n_layers, batch=batch, capacity=capacity,
