@@ -17,10 +17,11 @@ from veil.errors import InputError, UnsupportedError
 from veil.model import zoo
 from veil.model.config import ModelConfig, load_config
 from veil.model.forward import forward
-from veil.model.generate import GenerationTrace, SamplingConfig, check_prompts, generate_ids, pad_batch
+from veil.model.generate import (GenerationTrace, SamplingConfig, check_prompts, generate_ids,
+                                 pad_batch, padded_step)
 from veil.model.tokenizer import Tokenizer
 from veil.model.weights import Weights, load_weights
-from veil.ops import Ops, Step, check_support
+from veil.ops import Ops, check_support
 
 SchemeBuilder = Callable[[ModelConfig, Weights, dict[str, Any]], Ops]
 
@@ -200,11 +201,9 @@ class Model:
         check_prompts(self.cfg, rows)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids, mask = pad_batch(rows, pad)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        key_valid = None if bool(mask.all()) else mask
         cache = self.ops.new_cache(ids.shape[0], ids.shape[1])
         with torch.inference_mode():
-            out = forward(self.cfg, self.ops, ids, Step(positions, key_valid, 0), cache)
+            out = forward(self.cfg, self.ops, ids, padded_step(mask, mask), cache)
         return out.float()
 
 

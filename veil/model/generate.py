@@ -99,6 +99,13 @@ def pad_batch(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
     return ids, mask
 
 
+def padded_step(mask: torch.Tensor, key_valid: torch.Tensor) -> Step:
+    """The prefill `Step` of a left-padded batch: positions restart at each row's first real
+    token; padding is masked only when some row has it."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)                 # (B, T)
+    return Step(positions, None if bool(mask.all()) else key_valid, 0)
+
+
 def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]]) -> None:
     if not prompts:
         raise InputError("no prompt given")
@@ -135,9 +142,9 @@ def generate_ids(cfg: ModelConfig, ops: Ops, prompts: Sequence[Sequence[int]], s
     capacity = min(T0 + s.max_new_tokens, cfg.max_seq_len)
     valid = torch.ones((B, capacity), dtype=torch.bool)
     valid[:, :T0] = mask
-    key_valid = None if bool(mask.all()) else valid
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)                 # (B, T0)
-    next_pos = positions[:, -1] + 1                                       # (B,)
+    prefill = padded_step(mask, valid)
+    key_valid = prefill.key_valid
+    next_pos = prefill.positions[:, -1] + 1                               # (B,)
 
     trace = GenerationTrace(prompt_tokens=int(mask.sum()))
     rows = [RowResult() for _ in range(B)]
@@ -145,7 +152,7 @@ def generate_ids(cfg: ModelConfig, ops: Ops, prompts: Sequence[Sequence[int]], s
     cache = ops.new_cache(B, capacity)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = forward(cfg, ops, ids, Step(positions, key_valid, 0), cache, last_only=True)
+        logits = forward(cfg, ops, ids, prefill, cache, last_only=True)
         trace.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         slot = T0

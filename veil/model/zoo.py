@@ -48,7 +48,8 @@ def default_gguf() -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -108,7 +109,7 @@ def cached_gguf_folder(path: Path) -> Path:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
-    folder = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)[:16]}"
+    folder = cache_dir() / "models" / f"{path.stem}-{file_sha256(path)[:16]}"
     if not (folder / "config.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         print(f"veil: converting {path.name} once into {folder}", file=sys.stderr)

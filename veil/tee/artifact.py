@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from veil.errors import ConfigError, IntegrityError, UnsupportedError
 from veil.model.config import hf_config_dict, load_config
 from veil.model.tokenizer import Tokenizer
-from veil.tee.process import DeviceHandle, SafetensorsReader, file_sha256
+from veil.model.zoo import file_sha256
+from veil.tee.process import DeviceHandle, SafetensorsReader
 from veil.tee.sealing import read_key, seal, unseal, write_key
 
 ARTIFACT = "veil-artifact.json"

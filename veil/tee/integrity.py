@@ -36,22 +36,21 @@ class Freivalds:
     def check_linear(self, name: str, x_dev: torch.Tensor, y_dev: torch.Tensor) -> None:
         """x_dev (N, in) sent, y_dev (N, out) received: y·r must equal x·u row by row."""
         r, u = self.r[name], self.u[name]
-        lhs = y_dev.double() @ r
-        rhs = x_dev.double() @ u
         scale = y_dev.double().abs() @ r.abs() + x_dev.double().abs() @ u.abs()
-        bad = ((lhs - rhs).abs() > REL_TOL * scale + 1e-30).nonzero()
-        if bad.numel():
-            raise IntegrityError(f"device result for {name} failed verification "
-                                 f"(row {int(bad[0, 0])}): the device altered a result")
+        _verify(y_dev.double() @ r, x_dev.double() @ u, scale, f"device result for {name}")
 
     def check_rows(self, name: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        w, proj = self.table_w[name], self.table_proj[name]
-        lhs, rhs = rows.double() @ w, proj[ids]
-        scale = rows.double().abs() @ w.abs()
-        bad = ((lhs - rhs).abs() > REL_TOL * scale + 1e-30).nonzero()
-        if bad.numel():
-            raise IntegrityError(f"device rows of {name} failed verification "
-                                 f"(row {int(bad[0, 0])}): the device altered a result")
+        w = self.table_w[name]
+        _verify(rows.double() @ w, self.table_proj[name][ids], rows.double().abs() @ w.abs(),
+                f"device rows of {name}")
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for d in (self.r, self.u, self.table_w) for t in d.values())
+        return sum(t.nbytes for d in (self.r, self.u, self.table_w, self.table_proj)
+                   for t in d.values())
+
+
+def _verify(lhs: torch.Tensor, rhs: torch.Tensor, scale: torch.Tensor, what: str) -> None:
+    bad = ((lhs - rhs).abs() > REL_TOL * scale + 1e-30).nonzero()
+    if bad.numel():
+        raise IntegrityError(f"{what} failed verification (row {int(bad[0, 0])}): "
+                             "the device altered a result")

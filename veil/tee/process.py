@@ -8,7 +8,6 @@ exits on EOF; `stop` also terminates and reaps it, so no zombie is left).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from veil.errors import CheckpointError, IntegrityError, ProtocolAbort
+from veil.model.zoo import file_sha256
 from veil.tee.channel import Channel
 from veil.tee.device import DeviceState, serve, serve_in_thread
 
@@ -75,14 +75,6 @@ class DeviceHandle:
 
     def __del__(self) -> None:
         self.stop()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class SafetensorsReader:
