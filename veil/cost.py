@@ -30,7 +30,9 @@ class Cost:
     decode_s: float
     flops: int
     # split schemes: counters over this generation (whole batch) — bytes_sent, bytes_received,
-    # round_trips, enclave_flops, device_flops, offline_flops, offline_s
+    # round_trips, enclave_flops, device_flops (as the device reports them), device_busy_s (the
+    # device's compute time, as it reports it), enclave_wait_s (the enclave blocked on the device),
+    # offline_flops, offline_s (pad precomputation, outside prefill/decode time)
     split: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -49,4 +51,7 @@ class Cost:
                      f"{self.split.get('round_trips', 0) / tokens:.0f} round trips/tok")
             if "enclave_flops" in self.split:
                 line += f" · enclave {self.split['enclave_flops'] / 1e6:.1f} MFLOP"
+            if "device_busy_s" in self.split:
+                line += (f" · device busy {self.split['device_busy_s']:.2f} s, enclave waited "
+                         f"{self.split.get('enclave_wait_s', 0):.2f} s")
         return line

@@ -112,3 +112,17 @@ def test_round_trips_per_decode_step(preset, gated):
     two = loro.generate([1, 2, 3], max_new_tokens=2).cost.split["round_trips"]
     tables = 1 if gated else 2
     assert two - one == 5 * loro.cfg.n_layers + tables + 1
+
+
+def test_cost_reports_both_sides():
+    """The device's FLOPs (as it reports them) are exactly the model's forward FLOPs — the device
+    does all of the model's heavy work — and the enclave's are its corrections; both sides' times
+    and the offline pad work are recorded."""
+    loro = veil.load("tiny-llama", scheme="loro")
+    cost = loro.generate([1, 2, 3, 4], max_new_tokens=5, ignore_eos=True).cost
+    s = cost.split
+    assert s["device_flops"] == cost.flops
+    assert s["enclave_flops"] > 0
+    assert s["device_busy_s"] > 0 and 0 < s["enclave_wait_s"] < cost.prefill_s + cost.decode_s
+    assert s["offline_flops"] > 0 and s["offline_s"] > 0
+    assert "device busy" in cost.summary()

@@ -75,6 +75,35 @@ def test_counts_bytes_and_round_trips():
     ch.close()
 
 
+def test_coalesced_and_large_frames_arrive_whole():
+    """Several frames in one socket read, and a frame larger than the read size, both decode."""
+    a, b = socket.socketpair()
+    sender = Channel(b, timeout_s=5)
+    ch = Channel(a, timeout_s=5)
+    big = torch.randn(300, 1000)                       # 1.2 MB: many reads
+    small = [torch.arange(i + 1) for i in range(5)]
+    threading.Thread(target=lambda: [sender.send(Message("t", {"i": i}, [t]))
+                                     for i, t in enumerate([*small, big, *small])],
+                     daemon=True).start()
+    got = [ch.recv() for _ in range(11)]
+    assert [m.args["i"] for m in got] == list(range(11))
+    assert torch.equal(got[5].tensors[0], big) and torch.equal(got[10].tensors[0], small[4])
+    got[5].tensors[0].add_(1)                          # received tensors are writable, not shared
+    assert torch.equal(got[6].tensors[0], small[0])
+    ch.close(), sender.close()
+
+
+def test_bookkeeping_call_is_not_counted_and_waits_are_timed():
+    a, b = socket.socketpair()
+    threading.Thread(target=_echo_server, args=(b,), daemon=True).start()
+    ch = Channel(a, timeout_s=5, peer="device")
+    ch.call("double", [torch.ones(3)])
+    before = ch.stats.snapshot()
+    assert ch.call_uncounted("double", k=1).op == "double"
+    assert ch.stats.snapshot() == before
+    assert before["wait_s"] >= 0
+
+
 def test_stalled_peer_times_out():
     a, b = socket.socketpair()
     ch = Channel(a, timeout_s=0.3, peer="device")

@@ -9,6 +9,7 @@ enclave overlaps its own work with the device's.
 from __future__ import annotations
 
 import socket
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -28,11 +29,13 @@ class ChannelStats:
     bytes_received: int = 0
     messages_sent: int = 0
     round_trips: int = 0
+    wait_s: float = 0.0          # time spent blocked waiting for the peer's messages
     bytes_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def snapshot(self) -> dict[str, int]:
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "messages_sent": self.messages_sent, "round_trips": self.round_trips}
+                "messages_sent": self.messages_sent, "round_trips": self.round_trips,
+                "wait_s": self.wait_s}
 
 
 class Channel:
@@ -45,6 +48,9 @@ class Channel:
         self.timeout_s = timeout_s
         self.peer = peer
         self.stats = ChannelStats()
+        self._pending = bytearray()
+
+    _CHUNK = 1 << 16
 
     def send(self, msg: Message) -> None:
         frame = encode(msg)
@@ -56,27 +62,47 @@ class Channel:
         self.stats.messages_sent += 1
         self.stats.bytes_by_op[msg.op] += len(frame)
 
-    def _read(self, n: int, what: str) -> bytes:
-        chunks, got = [], 0
+    def _recv_into(self, view: memoryview, what: str, partial: bool) -> int:
+        try:
+            k = self.sock.recv_into(view)
+        except socket.timeout:
+            raise ProtocolAbort(f"{self.peer} stalled: no {what} within {self.timeout_s:g} s") from None
+        except (ConnectionResetError, OSError) as exc:
+            raise ProtocolAbort(f"{self.peer} is gone while reading {what} ({exc})") from None
+        if k == 0:
+            raise ProtocolAbort(f"{self.peer} closed the connection"
+                                + (f" in the middle of a {what}" if partial else ""))
+        return k
+
+    def _read(self, n: int, what: str) -> bytearray:
+        """Exactly n bytes, as a fresh buffer (tensors are made over it without a copy). A small
+        read asks the socket for up to 64 KiB at once and keeps the surplus: a prefix, header and
+        small payload then cost one system call."""
+        out = bytearray(n)
+        got = min(n, len(self._pending))
+        if got:
+            out[:got] = self._pending[:got]
+            del self._pending[:got]
+        view = memoryview(out)
         while got < n:
-            try:
-                chunk = self.sock.recv(min(n - got, 1 << 20))
-            except socket.timeout:
-                raise ProtocolAbort(f"{self.peer} stalled: no {what} within {self.timeout_s:g} s") from None
-            except (ConnectionResetError, OSError) as exc:
-                raise ProtocolAbort(f"{self.peer} is gone while reading {what} ({exc})") from None
-            if not chunk:
-                raise ProtocolAbort(f"{self.peer} closed the connection"
-                                    + (f" in the middle of a {what}" if got else ""))
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+            if n - got < self._CHUNK:
+                scratch = bytearray(self._CHUNK)
+                k = self._recv_into(memoryview(scratch), what, got > 0)
+                use = min(k, n - got)
+                view[got:got + use] = scratch[:use]
+                self._pending += scratch[use:k]
+                got += use
+            else:
+                got += self._recv_into(view[got:], what, got > 0)
+        return out
 
     def recv(self) -> Message:
         """The next message; a peer's error report is raised here as `ProtocolAbort`."""
+        t0 = time.perf_counter()
         prefix = self._read(PREFIX.size, "message")
-        header_len = parse_prefix(prefix)
-        header, specs = parse_header(self._read(header_len, "header"))
+        self.stats.wait_s += time.perf_counter() - t0
+        header_len = parse_prefix(bytes(prefix))
+        header, specs = parse_header(bytes(self._read(header_len, "header")))
         payload = self._read(sum(n for _, _, n in specs), "payload")
         self.stats.bytes_received += PREFIX.size + header_len + len(payload)
         msg = Message(header["op"], header["args"], tensors_from(payload, specs))
@@ -94,6 +120,16 @@ class Channel:
         """One request and its reply."""
         self.send(Message(op, args, tensors or []))
         return self.reply()
+
+    def call_uncounted(self, op: str, **args) -> Message:
+        """A bookkeeping request (the peer's own counters) that must not count as traffic."""
+        saved = ChannelStats(**{k: getattr(self.stats, k) for k in
+                                ("bytes_sent", "bytes_received", "messages_sent", "round_trips", "wait_s")})
+        saved.bytes_by_op = self.stats.bytes_by_op.copy()
+        try:
+            return self.call(op, **args)
+        finally:
+            self.stats = saved
 
     def close(self) -> None:
         try:

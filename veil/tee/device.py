@@ -13,12 +13,14 @@ Ops (request → reply):
   attention args.layer/start/n_heads/head_dim, q (B,T,nh·hd), k, v (B,T,nkv·hd)[, key_valid (B,S)]
                                        → softmax(q kᵀ/√hd) v (B,T,nh·hd), with k, v appended to the cache
   view     → every resident tensor and, if recording, every received tensor
+  stats    → the device's FLOPs and busy seconds so far (as it reports them)
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -49,15 +51,20 @@ class DeviceState:
         self.record = record
         self.received: list[tuple[str, torch.Tensor]] = []
         self.flops = 0
+        self.busy_s = 0.0       # time spent computing replies (not waiting for requests)
 
     def handle(self, msg: Message) -> Message:
         handler = getattr(self, f"_op_{msg.op}", None)
         if handler is None:
             raise ProtocolAbort(f"unknown op {msg.op!r}")
-        if self.record and msg.op not in ("put", "view", "ping"):
+        if self.record and msg.op not in ("put", "view", "ping", "stats"):
             for i, t in enumerate(msg.tensors):
                 self.received.append((f"{msg.op}:{msg.args.get('names', msg.args.get('layer', ''))}:{i}", t))
-        return handler(msg)
+        t0 = time.perf_counter()
+        try:
+            return handler(msg)
+        finally:
+            self.busy_s += time.perf_counter() - t0
 
     def _need(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
@@ -66,6 +73,10 @@ class DeviceState:
 
     def _op_ping(self, msg: Message) -> Message:
         return Message("ok")
+
+    def _op_stats(self, msg: Message) -> Message:
+        """The device's own counters (it reports them; the enclave cannot measure them)."""
+        return Message("stats", {"flops": self.flops, "busy_s": self.busy_s})
 
     def _op_put(self, msg: Message) -> Message:
         names = msg.args.get("names", [])

@@ -77,8 +77,13 @@ class HeadMixing:
 
     q_heads: torch.Tensor    # (nh,)  true query head in each device slot
     k_heads: torch.Tensor    # (nkv,) true KV head in each device slot
-    r: torch.Tensor          # (nkv, hd, hd)  R_g of each true KV group g (for Q and K)
-    s: torch.Tensor          # (nkv, hd, hd)  S_g (for V)
+    r: torch.Tensor          # (nkv, hd, hd)  R of the group in each KV slot j (for Q and K)
+    s: torch.Tensor          # (nkv, hd, hd)  S of the group in each KV slot j (for V)
+
+    def __post_init__(self) -> None:
+        # derived, not sealed: the inverse query permutation, and S per slot transposed (= S⁻¹)
+        object.__setattr__(self, "_q_inv", torch.argsort(self.q_heads))
+        object.__setattr__(self, "_s_t", self.s.transpose(-1, -2))
 
     @staticmethod
     def sample(cfg: ModelConfig, kind: str = "rotate",
@@ -125,26 +130,26 @@ class HeadMixing:
         else:
             R = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
             S = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
-        return HeadMixing(q_heads, sigma, torch.stack(R), torch.stack(S))
+        # stored in slot order: slot j holds true KV group sigma[j]
+        return HeadMixing(q_heads, sigma, torch.stack([R[g] for g in sigma.tolist()]),
+                          torch.stack([S[g] for g in sigma.tolist()]))
 
-    # Device slots come in groups: slots j·G … j·G+G−1 all hold query heads of true KV group
-    # k_heads[j] (see `sample`), so each group's matrix applies to a (…, G, hd) block by
-    # broadcasting — no per-slot copies of the matrices.
+    # Device slots come in groups: slots j·G … j·G+G−1 all hold query heads of the true KV group in
+    # KV slot j (see `sample`), so each slot's matrix applies to a (…, G, hd) block by
+    # broadcasting — no per-query-slot copies of the matrices.
     def conceal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hd: int):
         B, T, _ = q.shape
         nkv = len(self.k_heads)
-        r, s = self.r[self.k_heads], self.s[self.k_heads]                  # (nkv, hd, hd)
-        qd = q.view(B, T, -1, hd)[:, :, self.q_heads].view(B, T, nkv, -1, hd) @ r
-        kd = (k.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ r).squeeze(-2)
-        vd = (v.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ s).squeeze(-2)
-        return qd.reshape(B, T, -1), kd.reshape(B, T, -1), vd.reshape(B, T, -1)
+        qd = q.view(B, T, -1, hd)[:, :, self.q_heads].view(B, T, nkv, -1, hd) @ self.r
+        kd = k.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ self.r
+        vd = v.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ self.s
+        return qd.view(B, T, -1), kd.view(B, T, -1), vd.view(B, T, -1)
 
     def reveal(self, out: torch.Tensor, hd: int) -> torch.Tensor:
         B, T, _ = out.shape
         nkv = len(self.k_heads)
-        s_t = self.s[self.k_heads].transpose(-1, -2)                          # S_gᵀ = S_g⁻¹
-        oh = (out.view(B, T, nkv, -1, hd) @ s_t).reshape(B, T, -1, hd)
-        return oh[:, :, torch.argsort(self.q_heads)].reshape(B, T, -1)        # back to true order
+        oh = (out.view(B, T, nkv, -1, hd) @ self._s_t).view(B, T, -1, hd)    # · S⁻¹ per slot
+        return oh[:, :, self._q_inv].view(B, T, -1)                         # back to true order
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.q_heads, self.k_heads, self.r, self.s))
@@ -165,10 +170,12 @@ class EnclaveOps(TorchOps):
 
     def cost_counters(self) -> dict[str, float]:
         """Running totals of this enclave's traffic and work (see `Cost.split`)."""
+        dev = self.channel.call_uncounted("stats").args
         st = self.channel.stats
         out = {"bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
-               "round_trips": st.round_trips,
-               "enclave_flops": getattr(self.protocol, "enclave_flops", 0)}
+               "round_trips": st.round_trips, "enclave_wait_s": st.wait_s,
+               "enclave_flops": getattr(self.protocol, "enclave_flops", 0),
+               "device_flops": float(dev.get("flops", 0)), "device_busy_s": float(dev.get("busy_s", 0))}
         pool = getattr(self.protocol, "pool", None)
         if pool is not None:
             out["offline_flops"], out["offline_s"] = pool.cost.flops, pool.cost.seconds

@@ -78,7 +78,9 @@ class TeeModelOps(EnclaveOps):
         perms = sum(p.nbytes() for p in self.perms)
         local = sum(t.nbytes for t in self.w.values())
         checks = self.verifier.nbytes() if self.verifier is not None else 0
-        return perms + local + checks + (self.bank.nbytes() if self.bank is not None else 0)
+        protocol = getattr(self.protocol, "nbytes", None)
+        return (perms + local + checks + (self.bank.nbytes() if self.bank is not None else 0)
+                + (protocol() if protocol is not None else 0))
 
     def close(self) -> None:
         self.channel.close()

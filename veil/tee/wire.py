@@ -16,7 +16,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from veil.errors import ProtocolAbort
@@ -30,6 +29,7 @@ MAX_TENSORS = 64
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64,
            "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in _DTYPES.items()}
 
 
 @dataclass
@@ -45,16 +45,20 @@ def encode(msg: Message, max_header: int = MAX_HEADER) -> bytes:
     """Serialise a message into one frame."""
     descs, blobs = [], []
     for t in msg.tensors:
-        if t.dtype not in _NAMES:
+        name = _NAMES.get(t.dtype)
+        if name is None:
             raise ProtocolAbort(f"cannot send a tensor of dtype {t.dtype}")
-        arr = t.detach().contiguous().cpu()
-        descs.append({"dtype": _NAMES[t.dtype], "shape": list(arr.shape)})
-        blobs.append(arr.numpy().tobytes() if arr.numel() else b"")
+        arr = t.detach()
+        if arr.device.type != "cpu" or not arr.is_contiguous():
+            arr = arr.contiguous().cpu()
+        descs.append({"dtype": name, "shape": list(arr.shape)})
+        if arr.numel():
+            blobs.append(arr.numpy().data)      # the tensor's own bytes, copied once by join
     header = json.dumps({"op": msg.op, "args": msg.args, "tensors": descs},
                         separators=(",", ":")).encode()
     if len(header) > max_header:
         raise ProtocolAbort(f"header of {len(header)} bytes exceeds {max_header}")
-    return PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
+    return b"".join([PREFIX.pack(MAGIC, VERSION, len(header)), header, *blobs])
 
 
 def parse_prefix(prefix: bytes, max_header: int = MAX_HEADER) -> int:
@@ -83,12 +87,13 @@ def parse_header(raw: bytes, max_tensors: int = MAX_TENSORS
         raise ProtocolAbort(f"peer sent {len(header['tensors'])} tensors (limit {max_tensors})")
     specs, total = [], 0
     for d in header["tensors"]:
-        dtype = _DTYPES.get(d.get("dtype")) if isinstance(d, dict) else None
+        name = d.get("dtype") if isinstance(d, dict) else None
+        dtype = _DTYPES.get(name) if isinstance(name, str) else None
         shape = d.get("shape") if isinstance(d, dict) else None
         if dtype is None or not isinstance(shape, list) or not all(
-                isinstance(s, int) and 0 <= s < MAX_PAYLOAD for s in shape):
+                type(s) is int and 0 <= s < MAX_PAYLOAD for s in shape):
             raise ProtocolAbort(f"peer sent an invalid tensor description {d!r}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * _ITEMSIZE[name]
         total += nbytes
         if total > MAX_PAYLOAD:
             raise ProtocolAbort(f"peer announced more than {MAX_PAYLOAD} payload bytes")
@@ -96,18 +101,21 @@ def parse_header(raw: bytes, max_tensors: int = MAX_TENSORS
     return header, specs
 
 
-def tensors_from(payload: bytes, specs: list[tuple[torch.dtype, tuple[int, ...], int]]) -> list[torch.Tensor]:
+def tensors_from(payload: bytes | bytearray,
+                 specs: list[tuple[torch.dtype, tuple[int, ...], int]]) -> list[torch.Tensor]:
+    """Tensors over the payload. A bytearray (the channel's own receive buffer, one per message)
+    is shared, not copied; immutable bytes are copied once."""
+    if not isinstance(payload, bytearray):
+        payload = bytearray(payload)
     out, offset = [], 0
     for dtype, shape, nbytes in specs:
-        arr = np.frombuffer(payload, dtype=_np_dtype(dtype), count=math.prod(shape), offset=offset)
-        out.append(torch.from_numpy(arr.copy()).reshape(shape))
+        if nbytes == 0:
+            out.append(torch.empty(shape, dtype=dtype))
+        else:
+            out.append(torch.frombuffer(payload, dtype=dtype, count=math.prod(shape),
+                                        offset=offset).view(shape))
         offset += nbytes
     return out
-
-
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    return {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64,
-            torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8}[dtype]
 
 
 def decode(frame: bytes, max_header: int = MAX_HEADER, max_tensors: int = MAX_TENSORS) -> Message:

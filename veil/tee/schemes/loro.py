@@ -23,11 +23,13 @@ scale either leaves nearly unpadded or, sized for them, drowns every other row i
 nonlinear ops never run on the device; attention inputs are mixed by orthogonal matrices, not
 only permuted (see veil/tee/enclave.py). Precision: ỹ carries terms ~(1+mask_ratio)(1+pad_ratio)
 times larger than y, computed in the device's float32, so logits differ from plain by ~1e-3–1e-2
-on the default model (tiny models ~1e-5); the enclave's own share runs in float64.
+on the default model (tiny models ~1e-5); the enclave's pad term and the final cancellation run in
+float64.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -110,7 +112,8 @@ def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
     if lcfg.bank == 0:
         for n in names:
             i, o = _shape(weights, n)
-            bank.direct[n] = (torch.randn(i, r, generator=gen), torch.randn(r, o, generator=gen), 1.0)
+            bank.direct[n] = (torch.randn(i, r, generator=gen),
+                              torch.randn(r, o, generator=gen), 1.0)
     else:
         uses_in: dict[int, int] = {}
         uses_out: dict[int, int] = {}
@@ -125,15 +128,17 @@ def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
             bank.bank_a[dim] = torch.randn(min(lcfg.bank, uses), r, dim, generator=gen)
         for n in names:
             i, o = _shape(weights, n)
-            alpha = torch.cat([torch.tensor([float(i)]), torch.randn(len(bank.bank_b[i]), generator=gen)])
-            beta = torch.cat([torch.tensor([float(o)]), torch.randn(len(bank.bank_a[o]), generator=gen)])
+            alpha = torch.cat([torch.tensor([float(i)]),
+                               torch.randn(len(bank.bank_b[i]), generator=gen)])
+            beta = torch.cat([torch.tensor([float(o)]),
+                              torch.randn(len(bank.bank_a[o]), generator=gen)])
             bank.coef[n] = (alpha, beta, 1.0)
     # γ so that the mask dominates the weight: ‖γ(BA)ᵀ‖ = mask_ratio·‖W‖, with the sign that makes
     # ⟨W, γ(BA)ᵀ⟩ ≤ 0: then |cos(W', W)| ≤ 1/√(1+mask_ratio²) however a small matrix's random
     # mask happens to align with it (a positive alignment measured up to 0.205 on tiny models)
     for n in names:
         B, A, _ = bank.factors(n)
-        w = weights[f"{n}.weight"]
+        w = weights[f"{n}.weight"].double()
         mask = (B @ A).t()
         gamma = lcfg.mask_ratio * float(w.norm()) / float(mask.norm())
         if float((w * mask).sum()) > 0:
@@ -151,7 +156,7 @@ def masked_weights(cfg: ModelConfig, weights: Weights, bank: FactorBank) -> dict
     device = {}
     for n in masked_matrices(cfg):
         B, A, gamma = bank.factors(n)
-        device[f"{n}.weight"] = weights[f"{n}.weight"] + gamma * (B @ A).t()
+        device[f"{n}.weight"] = (weights[f"{n}.weight"].double() + gamma * (B @ A).t()).float()
     return device
 
 
@@ -227,7 +232,12 @@ class PadPool:
 
 
 class LoroProtocol:
-    """The enclave's side of LoRO's linear protocol (see the module docstring, step 2)."""
+    """The enclave's side of LoRO's linear protocol (see the module docstring, step 2).
+
+    The correction γ(xB)A is computed straight from the bank, never expanding a matrix's B and A:
+    x·bank_b is shared by every matrix of a group (one (m, N, r) product), each matrix mixes it
+    with its α, then one (N, m·r) × (m·r, out) product against the stacked bank_a applies β and A
+    together."""
 
     def __init__(self, cfg: ModelConfig, bank: FactorBank, biases: dict[str, torch.Tensor],
                  pool: PadPool, pad_ratio: float) -> None:
@@ -235,6 +245,17 @@ class LoroProtocol:
         self.pad_ratio = pad_ratio
         self.group_of = {n: g for g, names in pool.groups.items() for n in names}
         self.enclave_flops = 0
+        # bank_b flattened to (in, m·r): x·bank_b for a whole group in one product (a copy; counted
+        # in nbytes); bank_a viewed as (m·r, out). The correction γ(xB)A is ~mask_ratio·|y|, so
+        # float32 adds ~mask_ratio·ε·|y| of error, small beside the device's ~(1+mask_ratio)(1+
+        # pad_ratio)·ε·|y|; the pad term, ~pad_ratio·(1+mask_ratio)·|y|, stays float64.
+        self.b_flat = {d: b.permute(1, 0, 2).reshape(d, -1) for d, b in bank.bank_b.items()}
+        self.a_flat = {d: a.reshape(-1, d) for d, a in bank.bank_a.items()}
+        self.bias64 = {k.removesuffix(".bias"): v.double() for k, v in biases.items()}
+
+    def nbytes(self) -> int:
+        """Enclave memory this protocol adds to the bank's (flattened copies, float64 biases)."""
+        return sum(t.nbytes for t in [*self.b_flat.values(), *self.bias64.values()])
 
     def prepare(self, rows: int) -> None:
         if self.pool.mode == "fresh":
@@ -242,24 +263,47 @@ class LoroProtocol:
 
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         g, products = self.pool.take(self.group_of[group], x.shape[0])
-        rms = x.double().pow(2).mean(-1, keepdim=True).sqrt()                 # (N, 1)
-        scale = torch.exp2(torch.ceil(torch.log2(self.pad_ratio * rms + 1e-30)))
-        return (x + scale * g).float(), (scale, products)
+        # pad scale: pad_ratio × the row's RMS, rounded up to a power of two (frexp: v = m·2^e
+        # with m in [0.5, 1), so 2^e ≥ v > 2^(e−1))
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)              # (N, 1)
+        v = norm * (self.pad_ratio / x.shape[1] ** 0.5) + 1e-30
+        if x.shape[0] == 1:       # decode: one row — Python's frexp is ~10× cheaper than torch's
+            scale = torch.full_like(norm, math.ldexp(1.0, math.frexp(float(v))[1]))
+        else:
+            scale = torch.ldexp(torch.ones_like(norm), torch.frexp(v)[1])
+        xb = None
+        if self.b_flat:                                                       # multiplexed
+            bank_b = self.b_flat[x.shape[1]]
+            xb = (x @ bank_b).view(x.shape[0], -1, self.bank.rank)           # (N, m_b, r)
+            self.enclave_flops += 2 * x.shape[0] * bank_b.numel()
+        return torch.addcmul(x, scale, g), (scale.double(), products, x, xb)
 
     def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
-        B, A, gamma = self.bank.factors(name)
-        self.enclave_flops += 2 * x.shape[0] * self.bank.rank * (B.shape[0] + A.shape[1])
-        scale, products = ctx
-        return gamma * ((x.double() @ B.double()) @ A.double()) + scale * products[name]  # (N, out)
+        """Everything the enclave subtracts from the device's ỹ: γ(xB)A + s·(g·W'ᵀ) − b."""
+        scale, products, x, xb = ctx
+        N, r = x.shape[0], self.bank.rank
+        base = scale * products[name]
+        bias = self.bias64.get(name)
+        if bias is not None:
+            base = base - bias
+        if name in self.bank.direct:
+            B, A, gamma = self.bank.direct[name]
+            self.enclave_flops += 2 * N * r * (B.shape[0] + A.shape[1])
+            return torch.add(base, (x @ B) @ A, alpha=gamma)
+        alpha, beta, gamma = self.bank.coef[name]
+        out_dim = int(beta[0])
+        xB = torch.matmul(alpha[1:], xb)                                      # (N, r)
+        # Σ_j β_j (xB)·bank_a[j] as one product: (N, m_a·r) × (m_a·r, out)
+        z = (beta[1:, None] * xB[:, None, :]).reshape(N, -1)
+        self.enclave_flops += 2 * N * r * (len(beta) - 1) * (out_dim + 1)
+        return torch.add(base, z @ self.a_flat[out_dim], alpha=gamma)        # (N, out), float64
 
     def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
-        y = (y_dev.double() - pre).float()
-        bias = self.biases.get(f"{name}.bias")
-        return y + bias if bias is not None else y
+        return torch.sub(y_dev, pre).float()                                  # float64 cancellation
 
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
         B, A, gamma = self.bank.factors(name)
-        return rows_dev - gamma * (A[:, ids].t() @ B.t())                 # (N, d)
+        return (rows_dev.double() - gamma * (A[:, ids].t() @ B.t()).double()).float()  # (N, d)
 
 
 @dataclass
@@ -298,13 +342,13 @@ class LoroSecrets:
             kind, _, rest = k.partition(".")
             if kind == "bank":
                 side, _, dim = rest.partition(".")
-                (bank.bank_b if side == "b" else bank.bank_a)[int(dim)] = v
+                (bank.bank_b if side == "b" else bank.bank_a)[int(dim)] = v.float()
             elif kind == "coef" and rest.startswith("alpha."):
                 n = rest.removeprefix("alpha.")
-                bank.coef[n] = (v, t[f"coef.beta.{n}"], float(gammas[n]))
+                bank.coef[n] = (v.float(), t[f"coef.beta.{n}"].float(), float(gammas[n]))
             elif kind == "direct" and rest.startswith("B."):
                 n = rest.removeprefix("B.")
-                bank.direct[n] = (v, t[f"direct.A.{n}"], float(gammas[n]))
+                bank.direct[n] = (v.float(), t[f"direct.A.{n}"].float(), float(gammas[n]))
         perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r", "s")))
                  for i in range(int(meta["layers"]))]
         local = {k.removeprefix("local."): v for k, v in t.items() if k.startswith("local.")}
