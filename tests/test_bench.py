@@ -1,21 +1,51 @@
-"""Smoke test: each benchmark suite runs end to end on a tiny config and writes its three files."""
+"""Smoke tests: each benchmark suite runs end to end on a tiny config and writes its three files."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import make_hf_model
 from veil.bench.harness import SUITES, run_suite
+from veil.errors import ConfigError
 
 
-def test_suites_smoke(tmp_path):
+def test_suites_are_the_tested_ones():
+    assert set(SUITES) == {"plain-vs-hf", "tee"}
+
+
+def test_plain_vs_hf_smoke(tmp_path):
     folder = tmp_path / "tiny-llama"
     make_hf_model("tiny-llama").save_pretrained(folder)
-    for suite in SUITES:
-        paths = run_suite(suite, model=str(folder), repeats=1, new_tokens=4, out_dir=tmp_path / "out")
-        assert [p.suffix for p in paths] == [".json", ".md", ".png"]
-        rows = json.loads(paths[0].read_text())["rows"]
-        assert {r["scheme"] for r in rows} == {"plain", "transformers"}
-        assert all(r["median"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
-        assert all(r["same_tokens_as_plain"] for r in rows)
-        assert rows[1]["max_abs_logit_err_vs_plain"] < 1e-4
+    paths = run_suite("plain-vs-hf", model=str(folder), repeats=1, new_tokens=4, out_dir=tmp_path / "out")
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    rows = json.loads(paths[0].read_text())["rows"]
+    assert {r["scheme"] for r in rows} == {"plain", "transformers"}
+    assert all(r["median"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert all(r["same_tokens_as_plain"] for r in rows)
+    assert rows[1]["max_abs_logit_err_vs_plain"] < 1e-4
+
+
+def test_tee_smoke(tmp_path):
+    paths = run_suite("tee", model="tiny-llama", repeats=1, new_tokens=4, out_dir=tmp_path)
+    rows = {r["scheme"]: r for r in json.loads(paths[0].read_text())["rows"]}
+    assert set(rows) == {"plain", "shielded", "loro", "loro-paper", "tlg", "soter", "nnsplitter", "shadownet"}
+    assert all(r["same_tokens_as_plain"] and r["median"] > 0 for r in rows.values())
+    assert rows["plain"]["enclave_flop_share"] == 0 and rows["shielded"]["enclave_flop_share"] == 1
+    loro = rows["loro"]
+    # per decode step: 5 round trips per layer + embedding + head (tiny-llama: 2 layers)
+    assert loro["round_trips_per_decode_token"] == 5 * 2 + 2
+    assert loro["bytes_per_decode_token"] > 0 and loro["offline_pad_mflop_per_token"] > 0
+    assert loro["resident_secret_mib_no_multiplexing"] > 0
+    # the whole model in the TEE is the slowest projection of a prefill
+    assert max(rows.values(), key=lambda r: r["projected_prefill_vs_accel"])["scheme"] == "shielded"
+    text = paths[1].read_text()
+    assert "Projected onto" in text and "| loro |" in text
+
+
+def test_tee_suite_refuses_a_bad_hardware_profile(tmp_path):
+    bad = tmp_path / "hw.json"
+    bad.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ConfigError, match="hardware profile"):
+        run_suite("tee", model="tiny-llama", repeats=1, new_tokens=4, out_dir=tmp_path, hardware=bad)

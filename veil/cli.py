@@ -171,11 +171,14 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
           model: str = typer.Option("default"),
           repeats: int = typer.Option(3),
           new_tokens: int = typer.Option(64, "--new-tokens"),
-          out_dir: str = typer.Option("benchmarks/results", "--out")) -> None:
-    """Run a benchmark suite; write JSON, a markdown table and a plot."""
+          out_dir: str = typer.Option("benchmarks/results", "--out"),
+          hardware: Optional[str] = typer.Option(None, help="tee suite: hardware profile (JSON) "
+                                                 "to project onto")) -> None:
+    """Run a benchmark suite (plain-vs-hf, tee); write JSON, a markdown table and a plot."""
     from veil.bench.harness import run_suite
 
-    paths = run_suite(suite, model=model, repeats=repeats, new_tokens=new_tokens, out_dir=out_dir)
+    paths = run_suite(suite, model=model, repeats=repeats, new_tokens=new_tokens, out_dir=out_dir,
+                      hardware=hardware)
     for p in paths:
         out.print(f"wrote {p}", highlight=False)
 

@@ -20,12 +20,13 @@ from typing import Any
 from veil.errors import ConfigError
 
 BENCH_PROMPT = "The history of cryptography began"
-SUITES = ("plain-vs-hf",)
+SUITES = ("plain-vs-hf", "tee")
 
 
-def _worker(mode: str, model: str, repeats: int, new_tokens: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "veil.bench.worker", mode, model, str(repeats), str(new_tokens),
-           BENCH_PROMPT]
+def _worker(mode: str, model: str, repeats: int, new_tokens: int,
+            module: str = "veil.bench.worker") -> dict[str, Any]:
+    cmd = [sys.executable, "-m", module, *([mode] if mode else []), model, str(repeats),
+           str(new_tokens), BENCH_PROMPT]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise ConfigError(f"benchmark worker {mode!r} failed: "
@@ -80,11 +81,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows)), 3.2))
     names = [r["scheme"] for r in rows]
     med = [r["median"] for r in rows]
     err = [[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]]
-    ax.bar(names, med, yerr=err, capsize=4, color=["#4c72b0", "#dd8452", "#55a868"][:len(rows)])
+    ax.bar(names, med, yerr=err, capsize=4, color="#4c72b0")
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{rows[0]['suite']} · {rows[0]['model']}")
     fig.tight_layout()
@@ -93,23 +95,36 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: int = 64,
-              out_dir: str | Path = "benchmarks/results") -> list[Path]:
-    """Run one suite; returns the files written (JSON, markdown, PNG)."""
+              out_dir: str | Path = "benchmarks/results", hardware: str | Path | None = None) -> list[Path]:
+    """Run one suite; returns the files written (JSON, markdown, PNG). hardware: the profile the
+    `tee` suite projects onto (default: veil/tee/hardware/jetson-orin-nx-optee.json)."""
     if suite not in SUITES:
         raise ConfigError(f"unknown benchmark suite {suite!r} (known: {', '.join(SUITES)})")
     if repeats < 1 or new_tokens < 2:
         raise ConfigError("repeats must be ≥ 1 and new_tokens ≥ 2")
     import torch
 
-    rows = plain_vs_hf(model, repeats, new_tokens)
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU",
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__}
+    if suite == "tee":
+        from veil.bench.tee import rows_and_table
+        from veil.tee.latency import DEFAULT_HARDWARE, load_hardware
+
+        hw_path = Path(hardware) if hardware is not None else DEFAULT_HARDWARE
+        load_hardware(hw_path)             # a bad profile fails before the long run
+        measured = _worker("", model, repeats, new_tokens, module="veil.bench.tee")
+        rows, markdown = rows_and_table(measured, model, str(hw_path))
+        meta["hardware"] = str(hw_path.name)
+        meta["threads"] = 1
+    else:
+        rows = plain_vs_hf(model, repeats, new_tokens)
+        markdown = _markdown(rows, meta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / suite
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    paths[1].write_text(_markdown(rows, meta))
+    paths[1].write_text(markdown)
     _plot(rows, paths[2])
     return paths

@@ -76,7 +76,8 @@ class DeviceState:
 
     def _op_stats(self, msg: Message) -> Message:
         """The device's own counters (it reports them; the enclave cannot measure them)."""
-        return Message("stats", {"flops": self.flops, "busy_s": self.busy_s})
+        return Message("stats", {"flops": self.flops, "busy_s": self.busy_s,
+                                 "resident_bytes": sum(t.nbytes for t in self.tensors.values())})
 
     def _op_put(self, msg: Message) -> Message:
         names = msg.args.get("names", [])

@@ -84,6 +84,8 @@ class HeadMixing:
         # derived, not sealed: the inverse query permutation, and S per slot transposed (= S⁻¹)
         object.__setattr__(self, "_q_inv", torch.argsort(self.q_heads))
         object.__setattr__(self, "_s_t", self.s.transpose(-1, -2))
+        # permutation matrices are gathers on real hardware: data movement, no FLOPs counted
+        object.__setattr__(self, "rotates", bool(((self.r != 0) & (self.r != 1)).any()))
 
     @staticmethod
     def sample(cfg: ModelConfig, kind: str = "rotate",
@@ -167,6 +169,7 @@ class EnclaveOps(TorchOps):
         self.protocol, self.perms, self.channel = protocol, perms, channel
         self.name = scheme
         self.verifier = verifier
+        self.mixing_flops = 0       # head-mixing matmuls (enclave, on the critical path)
 
     def cost_counters(self) -> dict[str, float]:
         """Running totals of this enclave's traffic and work (see `Cost.split`)."""
@@ -174,11 +177,14 @@ class EnclaveOps(TorchOps):
         st = self.channel.stats
         out = {"bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
                "round_trips": st.round_trips, "enclave_wait_s": st.wait_s,
-               "enclave_flops": getattr(self.protocol, "enclave_flops", 0),
-               "device_flops": float(dev.get("flops", 0)), "device_busy_s": float(dev.get("busy_s", 0))}
+               "enclave_flops": getattr(self.protocol, "enclave_flops", 0) + self.mixing_flops,
+               "enclave_overlap_flops": getattr(self.protocol, "overlap_flops", 0),
+               "device_flops": float(dev.get("flops", 0)), "device_busy_s": float(dev.get("busy_s", 0)),
+               "device_weight_bytes": float(dev.get("resident_bytes", 0))}
         pool = getattr(self.protocol, "pool", None)
         if pool is not None:
             out["offline_flops"], out["offline_s"] = pool.cost.flops, pool.cost.seconds
+            out["pad_bytes_used"] = pool.cost.used_bytes
         return out
 
     def new_cache(self, batch: int, capacity: int) -> None:
@@ -221,7 +227,11 @@ class EnclaveOps(TorchOps):
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   step: Step, cache: Any) -> torch.Tensor:
-        hd = self.cfg.head_dim
+        c = self.cfg
+        hd = c.head_dim
+        # Q, K, V in and the output back, one hd×hd product per head and token
+        if self.perms[layer].rotates:
+            self.mixing_flops += 2 * q.shape[0] * q.shape[1] * (2 * c.n_heads + 2 * c.n_kv_heads) * hd * hd
         tensors = list(self.perms[layer].conceal(q, k, v, hd))
         if step.key_valid is not None:
             tensors.append(step.key_valid)

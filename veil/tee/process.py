@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from veil.errors import CheckpointError, IntegrityError, ProtocolAbort
+from veil.errors import CheckpointError, ConfigError, IntegrityError, ProtocolAbort
 from veil.model.zoo import file_sha256
 from veil.tee.channel import Channel
 from veil.tee.device import DeviceState, serve, serve_in_thread
@@ -42,9 +42,11 @@ class DeviceHandle:
 
     @staticmethod
     def in_process(weights: Path, record: bool, cleanup: Path | None = None,
-                   timeout_s: float = 60.0, threads: int | None = None) -> "DeviceHandle":
+                   timeout_s: float = 60.0, threads: int | None = None,
+                   cpus: list[int] | None = None) -> "DeviceHandle":
         """Start the device process. threads: its torch thread count (default: torch's choice;
-        on a machine shared with the enclave, 1 keeps the two from fighting over cores)."""
+        on a machine shared with the enclave, 1 keeps the two from fighting over cores).
+        cpus: the cores it may run on (benchmarks give enclave and device a core each)."""
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "veil.tee.process", str(weights), str(theirs.fileno())]
         if record:
@@ -53,6 +55,13 @@ class DeviceHandle:
             cmd.append(f"--threads={int(threads)}")
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
+        if cpus is not None:
+            try:
+                os.sched_setaffinity(proc.pid, set(cpus))
+            except (OSError, ValueError) as exc:
+                proc.kill()
+                proc.wait()
+                raise ConfigError(f"cannot pin the device to cores {sorted(cpus)} ({exc})") from None
         handle = DeviceHandle(Channel(ours, timeout_s, "device"), proc=proc, cleanup=cleanup)
         try:
             handle.channel.call("ping")  # the device answers once its weights are loaded

@@ -29,6 +29,9 @@ from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSec
                                    secret_generator)
 
 
+DEVICE_OPTIONS = ("record_view", "device", "device_threads", "device_cpus")
+
+
 def enclave_parameters(cfg: ModelConfig, weights: Weights) -> dict[str, torch.Tensor]:
     """Small parameters the enclave keeps in the clear: norm weights and biases."""
     return {k: v for k, v in weights.items() if "norm" in k or k.endswith(".bias")}
@@ -124,23 +127,36 @@ def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, device: DeviceHandle,
                        verifier=verifier, device=device, bank=secrets_.bank, pool=pool)
 
 
-def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> TeeModelOps:
-    """`veil.load(model, scheme="loro")`: protect in memory, then run (device in a thread or, with
-    device="process", in its own process reading the masked weights from a private temp folder)."""
+def start_device(device_weights: dict[str, torch.Tensor], options: dict[str, Any]
+                 ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
+    """Start the untrusted side on `device_weights`, as the options say (popped from them):
+    device="thread" (default; tests) or "process" (its own OS process reading the weights from a
+    private temp folder), device_threads=N, device_cpus=[cores], record_view=True.
+    Returns the handle and the enclave's read access to the device's weights by base name."""
     record = bool(options.pop("record_view", False))
-    verify = bool(options.pop("verify", False))
     mode = options.pop("device", "thread")
     threads = options.pop("device_threads", None)
-    secrets_, device_weights = protect_loro(cfg, weights, options)
+    cpus = options.pop("device_cpus", None)
     if mode == "thread":
-        device = DeviceHandle.in_thread(device_weights, record)
-        return run_loro(cfg, secrets_, device, lambda n: device_weights[f"{n}.weight"], verify)
+        if cpus is not None or threads is not None:
+            raise ConfigError("device_threads/device_cpus need device='process'")
+        return (DeviceHandle.in_thread(device_weights, record),
+                lambda n: device_weights[f"{n}.weight"])
     if mode != "process":
         raise ConfigError(f"device must be 'thread' or 'process', got {mode!r}")
     folder = Path(tempfile.mkdtemp(prefix="veil-device-"))
     save_file(device_weights, str(folder / "model.safetensors"))
-    del device_weights
     device = DeviceHandle.in_process(folder / "model.safetensors", record, cleanup=folder,
-                                     threads=threads)
-    reader = SafetensorsReader(folder / "model.safetensors")
-    return run_loro(cfg, secrets_, device, reader.weight, verify)
+                                     threads=threads, cpus=cpus)
+    return device, SafetensorsReader(folder / "model.safetensors").weight
+
+
+def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> TeeModelOps:
+    """`veil.load(model, scheme="loro")`: protect in memory, then run over a device started by
+    `start_device` (options as there)."""
+    verify = bool(options.pop("verify", False))
+    device_options = {k: options.pop(k) for k in list(options) if k in DEVICE_OPTIONS}
+    secrets_, device_weights = protect_loro(cfg, weights, options)
+    device, weight_of = start_device(device_weights, device_options)
+    del device_weights
+    return run_loro(cfg, secrets_, device, weight_of, verify)

@@ -27,8 +27,9 @@ from veil.backends.plain import TorchOps
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.enclave import EnclaveOps, HeadMixing, csprng_perm
+from veil.tee.enclave import HeadMixing, csprng_perm
 from veil.tee.process import DeviceHandle
+from veil.tee.runtime import DEVICE_OPTIONS, TeeModelOps, start_device
 from veil.tee.schemes.loro import input_groups, masked_matrices, secret_generator
 
 BASELINES = ("tlg", "soter", "nnsplitter", "shadownet")
@@ -94,6 +95,7 @@ class BaselineProtocol:
         self.obf, self.biases = obf, biases
         self.group_of = {n: g for g, names in groups.items() for n in names}
         self.enclave_flops = 0
+        self.overlap_flops = 0      # all of it: Δ's share is computed while the device multiplies
 
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         # one input for the whole group: members share π_in (see protect_baseline)
@@ -108,6 +110,7 @@ class BaselineProtocol:
         # x̃Δᵀ over Δ's non-zeros only: O(N·k)
         contrib = x_dev[:, o.delta_idx[:, 1]] * o.delta_val                   # (N, k)
         self.enclave_flops += 2 * x.shape[0] * len(o.delta_val)
+        self.overlap_flops += 2 * x.shape[0] * len(o.delta_val)
         return torch.zeros(x.shape[0], o.out_dim).index_add_(1, o.delta_idx[:, 0], contrib)
 
     def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
@@ -156,15 +159,15 @@ def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: d
     return device, obf, local
 
 
-class BaselineOps(EnclaveOps):
+class BaselineOps(TeeModelOps):
     """Enclave Ops of a baseline: device linears for obfuscated matrices; tables, the LM head,
     the enclave's share of matrices and (except tlg) attention computed locally."""
 
     def __init__(self, cfg: ModelConfig, local: dict[str, torch.Tensor], protocol: BaselineProtocol,
                  perms: list, channel, scheme: str, local_names: set[str], attention_on_device: bool,
-                 device) -> None:
-        super().__init__(cfg, local, protocol, perms, channel, scheme)
-        self.local_names, self.attention_on_device, self.device = local_names, attention_on_device, device
+                 device: DeviceHandle) -> None:
+        super().__init__(cfg, local, protocol, perms, channel, scheme, device=device)
+        self.local_names, self.attention_on_device = local_names, attention_on_device
 
     def new_cache(self, batch: int, capacity: int):
         if self.attention_on_device:
@@ -190,24 +193,22 @@ class BaselineOps(EnclaveOps):
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         return TorchOps.lm_head(self, x)
 
-    def device_view(self):
-        return self.device.state.view()
-
     def resident_secret_bytes(self) -> int:
         return (sum(t.nbytes for t in self.w.values()) + sum(o.nbytes() for o in self.protocol.obf.values())
                 + sum(p.nbytes() for p in self.perms or []))
 
 
 def start_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> BaselineOps:
-    """`veil.load(model, scheme=…)` for a baseline: protect in memory, device in a thread."""
-    record = bool(options.pop("record_view", False))
+    """`veil.load(model, scheme=…)` for a baseline: protect in memory, then run over a device
+    started by `start_device` (thread by default, or its own process)."""
+    device_options = {k: options.pop(k) for k in list(options) if k in DEVICE_OPTIONS}
     device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, options)
     keep = {"embed.weight", "pos_embed.weight", "lm_head.weight"}
     enclave = {k: v for k, v in weights.items()
                if "norm" in k or k.endswith(".bias") or k in keep or k.rsplit(".", 1)[0] in local_names}
     on_device = scheme == "tlg"
     perms = [HeadMixing.sample(cfg, "permute") for _ in range(cfg.n_layers)] if on_device else []
-    device = DeviceHandle.in_thread(device_weights, record)
+    device, _ = start_device(device_weights, device_options)
     biases = {k: v for k, v in enclave.items() if k.endswith(".bias") and "norm" not in k}
     protocol = BaselineProtocol(obf, biases, input_groups(cfg))
     return BaselineOps(cfg, enclave, protocol, perms, device.channel, scheme, local_names, on_device, device)

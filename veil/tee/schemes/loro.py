@@ -176,9 +176,11 @@ def input_groups(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 @dataclass
 class PadCost:
-    rows: int = 0
+    rows: int = 0           # rows made (offline)
     flops: int = 0
     seconds: float = 0.0
+    used_bytes: int = 0     # pad material consumed online (what a TEE with a small secure memory
+                            # would read back from sealed storage outside it)
 
 
 class PadPool:
@@ -219,6 +221,8 @@ class PadPool:
         if self.mode == "fixed":
             return (self.pads[group].expand(rows, -1),
                     {n: self.products[n].expand(rows, -1) for n in names})
+        self.cost.used_bytes += rows * (self.pads[group][0].nbytes
+                                        + sum(self.products[n][0].nbytes for n in names))
         start = self.cursor[group]
         if start + rows > self.pads[group].shape[0]:
             self.refill(max(rows, self.pads[group].shape[0]))
@@ -245,6 +249,7 @@ class LoroProtocol:
         self.pad_ratio = pad_ratio
         self.group_of = {n: g for g, names in pool.groups.items() for n in names}
         self.enclave_flops = 0
+        self.overlap_flops = 0      # the part done while the device multiplies (precompute)
         # bank_b flattened to (in, m·r): x·bank_b for a whole group in one product (a copy; counted
         # in nbytes); bank_a viewed as (m·r, out). The correction γ(xB)A is ~mask_ratio·|y|, so
         # float32 adds ~mask_ratio·ε·|y| of error, small beside the device's ~(1+mask_ratio)(1+
@@ -272,7 +277,8 @@ class LoroProtocol:
         else:
             scale = torch.ldexp(torch.ones_like(norm), torch.frexp(v)[1])
         xb = None
-        if self.b_flat:                                                       # multiplexed
+        if self.b_flat and x.shape[0] <= len(self.bank.bank_b[x.shape[1]]):
+            # few rows (decode): mix the rows through the whole bank once per group
             bank_b = self.b_flat[x.shape[1]]
             xb = (x @ bank_b).view(x.shape[0], -1, self.bank.rank)           # (N, m_b, r)
             self.enclave_flops += 2 * x.shape[0] * bank_b.numel()
@@ -288,15 +294,27 @@ class LoroProtocol:
             base = base - bias
         if name in self.bank.direct:
             B, A, gamma = self.bank.direct[name]
-            self.enclave_flops += 2 * N * r * (B.shape[0] + A.shape[1])
+            self._count(2 * N * r * (B.shape[0] + A.shape[1]))
             return torch.add(base, (x @ B) @ A, alpha=gamma)
         alpha, beta, gamma = self.bank.coef[name]
         out_dim = int(beta[0])
+        if xb is None:
+            # many rows (prefill): expanding this matrix's B and A costs m·r·(in+out) once, less
+            # than mixing every row through the bank (N·m·r·(in+out))
+            B = torch.tensordot(alpha[1:], self.bank.bank_b[int(alpha[0])], 1)      # (in, r)
+            A = torch.tensordot(beta[1:], self.bank.bank_a[out_dim], 1)             # (r, out)
+            self._count(2 * r * (B.shape[0] * (len(alpha) - 1) + out_dim * (len(beta) - 1))
+                        + 2 * N * r * (B.shape[0] + out_dim))
+            return torch.add(base, (x @ B) @ A, alpha=gamma)
         xB = torch.matmul(alpha[1:], xb)                                      # (N, r)
         # Σ_j β_j (xB)·bank_a[j] as one product: (N, m_a·r) × (m_a·r, out)
         z = (beta[1:, None] * xB[:, None, :]).reshape(N, -1)
-        self.enclave_flops += 2 * N * r * (len(beta) - 1) * (out_dim + 1)
+        self._count(2 * N * r * (len(beta) - 1) * (out_dim + 1))
         return torch.add(base, z @ self.a_flat[out_dim], alpha=gamma)        # (N, out), float64
+
+    def _count(self, flops: int) -> None:
+        self.enclave_flops += flops
+        self.overlap_flops += flops
 
     def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
         return torch.sub(y_dev, pre).float()                                  # float64 cancellation

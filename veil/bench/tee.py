@@ -1,0 +1,212 @@
+"""The `tee` benchmark suite: every TEE scheme against `plain`, measured here and projected.
+
+`python -m veil.bench.tee MODEL REPEATS N PROMPT HARDWARE` (run by the harness in a fresh process)
+prints one JSON object. Placement on this machine: the enclave (this process) on one core with
+one torch thread, each scheme's device in its own process on another core with one thread;
+`plain` and `shielded` run on the enclave's core alone. All schemes are loaded at once and their
+repeats alternated, so the machine's drift hits every contender alike.
+
+Per scheme: decode tokens/s (median of repeats), the error vs plain, and — from one prefill of
+LONG_PROMPT tokens and one decode step after it — the counts: device/enclave FLOPs, bytes and
+round trips, pad material, resident secrets. The counts are projected onto a hardware profile
+(veil/tee/latency.py) for the comparison this CPU cannot make: a slow TEE beside a fast GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from typing import Any
+
+import torch
+
+LONG_PROMPT = 256
+# (label, scheme, options). "loro-paper": the public code's settings (one pad per layer, reused;
+# attention under permutations only) — weaker, kept to show what veil's hardening costs.
+CONTENDERS = (("plain", "plain", {}), ("shielded", "shielded", {}), ("loro", "loro", {}),
+              ("loro-paper", "loro", {"pads": "fixed", "attention_mixing": "permute"}),
+              ("tlg", "tlg", {}), ("soter", "soter", {}), ("nnsplitter", "nnsplitter", {}),
+              ("shadownet", "shadownet", {}))
+
+
+def _pin() -> tuple[int | None, bool]:
+    """This process on the first core it may use; the device gets the second (None: one core)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    torch.set_num_threads(1)
+    if len(cpus) < 2:
+        return None, False
+    os.sched_setaffinity(0, {cpus[0]})
+    return cpus[1], True
+
+
+def _counts(model: Any, ids: list[int], weight_bytes: float) -> dict[str, Any]:
+    """SplitCounts of a prefill of `ids` and of the decode step after it (difference of a 2-token
+    and a 1-token generation), as dicts, plus pad/offline figures per token."""
+    from veil.tee.latency import SplitCounts, counts_row
+
+    one = model.generate(ids, max_new_tokens=1, ignore_eos=True).cost
+    two = model.generate(ids, max_new_tokens=2, ignore_eos=True).cost
+
+    def make(flops: float, s: dict[str, float]) -> SplitCounts:
+        if model.scheme == "plain":
+            return SplitCounts.accelerator_only(flops, weight_bytes)
+        if not s:   # shielded: everything in the enclave
+            return SplitCounts(flops, weight_bytes, 0, 0, 0, 0, 0, 0)
+        overlap = s.get("enclave_overlap_flops", 0.0)
+        return SplitCounts(flops, weight_bytes, s["device_flops"], s["device_weight_bytes"],
+                           overlap, s["enclave_flops"] - overlap,
+                           s["bytes_sent"] + s["bytes_received"] + s.get("pad_bytes_used", 0),
+                           s["round_trips"])
+
+    step = {k: two.split[k] - one.split.get(k, 0) for k in two.split}
+    if "device_weight_bytes" in two.split:
+        step["device_weight_bytes"] = two.split["device_weight_bytes"]
+    out = {"prefill": counts_row(make(one.flops, one.split)),
+           "decode": counts_row(make(two.flops - one.flops, step))}
+    if "offline_flops" in two.split:
+        rows = len(ids) + 2      # the pool is filled for the whole context before prefill
+        out["offline_flops_per_token"] = two.split["offline_flops"] / rows
+        out["offline_s_per_token"] = two.split["offline_s"] / rows
+        out["pad_bytes_per_token"] = step.get("pad_bytes_used", 0)
+    return out
+
+
+def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]:
+    import veil
+
+    device_cpu, separate = _pin()
+    split_opts = {"device": "process", "device_threads": 1}
+    if device_cpu is not None:
+        split_opts["device_cpus"] = [device_cpu]
+    models = {label: veil.load(model_name, scheme=s,
+                               **(opts if s in ("plain", "shielded") else {**opts, **split_opts}))
+              for label, s, opts in CONTENDERS}
+    plain = models["plain"]
+    ids = plain.encode(prompt) if plain.tokenizer is not None else [1, 2, 3, 4, 5, 6]
+    weight_bytes = float(sum(t.nbytes for t in plain.ops.w.values()))
+    ref_logits = plain.logits([ids])
+    ref_tokens = plain.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids
+    gen = torch.Generator().manual_seed(0)
+    long_ids = torch.randint(0, plain.cfg.vocab_size, (min(LONG_PROMPT, plain.cfg.max_seq_len - 4),),
+                             generator=gen).tolist()
+    out: dict[str, Any] = {"separate_cores": separate, "prompt_tokens": len(ids), "new_tokens": n,
+                           "weight_bytes": weight_bytes, "long_prompt": len(long_ids), "schemes": {}}
+    for s, m in models.items():
+        m.generate(ids, max_new_tokens=4, ignore_eos=True)   # warm-up
+        r = m.generate(ids, max_new_tokens=n, ignore_eos=True)
+        resident = getattr(m.ops, "resident_secret_bytes", None)
+        out["schemes"][s] = {
+            "max_abs_logit_err_vs_plain": float((m.logits([ids]) - ref_logits).abs().max()),
+            "same_tokens_as_plain": r.token_ids == ref_tokens,
+            "resident_secret_bytes": (resident() if resident is not None
+                                      else weight_bytes if s == "shielded" else 0),
+            "decode_tokens_per_s": [], "prefill_s": [], "device_busy_frac": [],
+            "enclave_wait_frac": [], **_counts(m, long_ids, weight_bytes)}
+    for _ in range(repeats):
+        for s, m in models.items():
+            c = m.generate(ids, max_new_tokens=n, ignore_eos=True).cost
+            row = out["schemes"][s]
+            row["decode_tokens_per_s"].append(c.decode_tokens_per_s)
+            row["prefill_s"].append(c.prefill_s)
+            wall = c.prefill_s + c.decode_s
+            row["device_busy_frac"].append(c.split.get("device_busy_s", 0.0) / wall)
+            row["enclave_wait_frac"].append(c.split.get("enclave_wait_s", 0.0) / wall)
+    for m in models.values():
+        close = getattr(m.ops, "close", None)
+        if close is not None:
+            close()
+    # resident secrets without factor multiplexing (no timing needed)
+    m = veil.load(model_name, scheme="loro", bank=0)
+    out["schemes"]["loro"]["resident_secret_bytes_no_multiplexing"] = m.ops.resident_secret_bytes()
+    m.ops.close()
+    return out
+
+
+def rows_and_table(w: dict[str, Any], model: str, hardware_path: str) -> tuple[list[dict[str, Any]], str]:
+    """Harness rows (one per scheme) and the markdown for the suite's results file."""
+    from veil.tee.latency import SplitCounts, load_hardware, project
+
+    hw = load_hardware(hardware_path)
+    base_tps = statistics.median(w["schemes"]["plain"]["decode_tokens_per_s"])
+    proj_ref = {ph: project(SplitCounts(**w["schemes"]["plain"][ph]), hw)["total_s"]
+                for ph in ("prefill", "decode")}
+    rows = []
+    for s, r in w["schemes"].items():
+        tps = r["decode_tokens_per_s"]
+        dec = SplitCounts(**r["decode"])
+        pre = SplitCounts(**r["prefill"])
+        pd, pp = project(dec, hw), project(pre, hw)
+        rows.append({
+            "suite": "tee", "scheme": s, "model": model, "prompt_tokens": w["prompt_tokens"],
+            "new_tokens": w["new_tokens"], "repeats": len(tps), "median": statistics.median(tps),
+            "min": min(tps), "max": max(tps), "unit": "decode tokens/s",
+            "latency_vs_plain": base_tps / statistics.median(tps),
+            "prefill_s": statistics.median(r["prefill_s"]),
+            "device_busy_frac": statistics.median(r["device_busy_frac"]),
+            "enclave_wait_frac": statistics.median(r["enclave_wait_frac"]),
+            "max_abs_logit_err_vs_plain": r["max_abs_logit_err_vs_plain"],
+            "same_tokens_as_plain": r["same_tokens_as_plain"],
+            "bytes_per_decode_token": dec.transfer_bytes, "round_trips_per_decode_token": dec.round_trips,
+            "enclave_flop_share": dec.enclave_share,
+            "resident_secret_mib": r["resident_secret_bytes"] / 2**20,
+            "resident_secret_frac": r["resident_secret_bytes"] / w["weight_bytes"],
+            "resident_secret_mib_no_multiplexing": r.get("resident_secret_bytes_no_multiplexing", 0) / 2**20,
+            "offline_pad_mflop_per_token": r.get("offline_flops_per_token", 0) / 1e6,
+            "offline_pad_ms_per_token": r.get("offline_s_per_token", 0) * 1e3,
+            "pad_kib_per_token": r.get("pad_bytes_per_token", 0) / 1024,
+            "projected_decode_ms": pd["total_s"] * 1e3, "projected_prefill_ms": pp["total_s"] * 1e3,
+            "projected_decode_vs_accel": pd["total_s"] / proj_ref["decode"],
+            "projected_prefill_vs_accel": pp["total_s"] / proj_ref["prefill"],
+            "projection": {"decode": pd, "prefill": pp}, "counts": {"decode": r["decode"], "prefill": r["prefill"]},
+        })
+    return rows, _markdown(rows, w, hw)
+
+
+def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any) -> str:
+    cores = ("enclave and device each pinned to its own core, one torch thread each; plain and "
+             "shielded on the enclave's core" if w["separate_cores"] else
+             "ONE core only: enclave and device shared it")
+    r0 = rows[0]
+    out = ["# tee", "",
+           f"{r0['model']} · prompt {r0['prompt_tokens']} tokens, {r0['new_tokens']} new, greedy, batch 1, "
+           f"fp32 · {cores} · median of {r0['repeats']} repeats, all schemes alternated in one process.", "",
+           "## Measured on this machine", "",
+           "| scheme | decode tok/s | min | max | latency vs plain | prefill s | device busy | enclave waits "
+           "| max abs logit err | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['scheme']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | "
+                   f"{r['latency_vs_plain']:.2f}× | {r['prefill_s']:.3f} | {r['device_busy_frac']:.0%} | "
+                   f"{r['enclave_wait_frac']:.0%} | {r['max_abs_logit_err_vs_plain']:.1e} | "
+                   f"{r['same_tokens_as_plain']} |")
+    out += ["", f"## Counts per decode step (context {w['long_prompt']} tokens)", "",
+            "| scheme | enclave share of FLOPs | channel + pad KiB/token | round trips/token | "
+            "resident secrets MiB | % of weights | without multiplexing MiB | offline pad MFLOP/token | "
+            "offline pad ms/token |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nm = f"{r['resident_secret_mib_no_multiplexing']:.1f}" if r["resident_secret_mib_no_multiplexing"] else "—"
+        pad = (f"{r['offline_pad_mflop_per_token']:.0f} | {r['offline_pad_ms_per_token']:.2f}"
+               if r["offline_pad_mflop_per_token"] else "— | —")
+        out.append(f"| {r['scheme']} | {r['enclave_flop_share']:.2%} | {r['bytes_per_decode_token'] / 1024:.0f} | "
+                   f"{r['round_trips_per_decode_token']:.0f} | {r['resident_secret_mib']:.1f} | "
+                   f"{r['resident_secret_frac']:.2%} | {nm} | {pad} |")
+    out += ["", f"## Projected onto {hw.name}", "",
+            "Counts above (and of a prefill of the same context) mapped by veil/tee/latency.py; "
+            "parameters and their sources in veil/tee/hardware/. `plain` = the whole model on the "
+            "accelerator, unprotected (LoRO's REE-only reference); `shielded` = the whole model in the TEE.", "",
+            f"| scheme | prefill {w['long_prompt']} ms | vs accelerator-only | decode ms/token | vs accelerator-only |",
+            "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['scheme']} | {r['projected_prefill_ms']:.1f} | {r['projected_prefill_vs_accel']:.2f}× | "
+                   f"{r['projected_decode_ms']:.2f} | {r['projected_decode_vs_accel']:.2f}× |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    model, repeats, n, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    print(json.dumps(worker(model, repeats, n, prompt)))
+
+
+if __name__ == "__main__":
+    main()
