@@ -8,6 +8,7 @@ enclave overlaps its own work with the device's.
 
 from __future__ import annotations
 
+import copy
 import socket
 import time
 from collections import defaultdict
@@ -123,9 +124,7 @@ class Channel:
 
     def call_uncounted(self, op: str, **args) -> Message:
         """A bookkeeping request (the peer's own counters) that must not count as traffic."""
-        saved = ChannelStats(**{k: getattr(self.stats, k) for k in
-                                ("bytes_sent", "bytes_received", "messages_sent", "round_trips", "wait_s")})
-        saved.bytes_by_op = self.stats.bytes_by_op.copy()
+        saved = copy.deepcopy(self.stats)
         try:
             return self.call(op, **args)
         finally:

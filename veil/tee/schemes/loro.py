@@ -360,13 +360,13 @@ class LoroSecrets:
             kind, _, rest = k.partition(".")
             if kind == "bank":
                 side, _, dim = rest.partition(".")
-                (bank.bank_b if side == "b" else bank.bank_a)[int(dim)] = v.float()
+                (bank.bank_b if side == "b" else bank.bank_a)[int(dim)] = v
             elif kind == "coef" and rest.startswith("alpha."):
                 n = rest.removeprefix("alpha.")
-                bank.coef[n] = (v.float(), t[f"coef.beta.{n}"].float(), float(gammas[n]))
+                bank.coef[n] = (v, t[f"coef.beta.{n}"], float(gammas[n]))
             elif kind == "direct" and rest.startswith("B."):
                 n = rest.removeprefix("B.")
-                bank.direct[n] = (v.float(), t[f"direct.A.{n}"].float(), float(gammas[n]))
+                bank.direct[n] = (v, t[f"direct.A.{n}"], float(gammas[n]))
         perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r", "s")))
                  for i in range(int(meta["layers"]))]
         local = {k.removeprefix("local."): v for k, v in t.items() if k.startswith("local.")}
