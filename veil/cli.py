@@ -34,6 +34,28 @@ def _clean_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _scheme_options(pairs: list[str]) -> dict[str, object]:
+    """`--set rank=16 --set pads=fixed` → {"rank": 16, "pads": "fixed"} (values read as JSON when
+    they parse, else as strings)."""
+    import json
+
+    from veil.errors import ConfigError
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+_SET_HELP = "scheme option KEY=VALUE (repeatable), e.g. --set rank=16 --set device=process"
+
+
 @app.command()
 @_clean_errors
 def generate(prompt: str = typer.Argument("Once upon a time", help="text to continue"),
@@ -48,11 +70,14 @@ def generate(prompt: str = typer.Argument("Once upon a time", help="text to cont
              chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
              stream: bool = typer.Option(False, help="print tokens as they come"),
              key_file: Optional[str] = typer.Option(None, "--key-file",
-                                                    help="sealing key of a protected artifact")) -> None:
+                                                    help="sealing key of a protected artifact"),
+             set_: list[str] = typer.Option([], "--set", help=_SET_HELP)) -> None:
     """Generate text and print it with a one-line cost summary."""
     import veil
 
-    options = {"key_file": key_file} if key_file else {}
+    options = _scheme_options(set_)
+    if key_file:
+        options["key_file"] = key_file
     m = veil.load(model, scheme=scheme, **options)
     prompt_ids: object = prompt
     if m.tokenizer is None:
@@ -142,13 +167,15 @@ def protect(model: str = typer.Argument("default"),
             out: str = typer.Option(..., "--out", help="a new folder for the artifact"),
             key_file: Optional[str] = typer.Option(None, "--key-file",
                                                    help="sealing key (created if missing; "
-                                                        "else $VEIL_SEAL_KEY); never inside --out")) -> None:
+                                                        "else $VEIL_SEAL_KEY); never inside --out"),
+            set_: list[str] = typer.Option([], "--set", help=_SET_HELP)) -> None:
     """Protect a model: DIR/device (what the untrusted side holds) + DIR/enclave.sealed."""
     from pathlib import Path
 
     from veil.tee.artifact import protect as do_protect
 
-    folder = do_protect(model, scheme, Path(out), Path(key_file) if key_file else None)
+    folder = do_protect(model, scheme, Path(out), Path(key_file) if key_file else None,
+                        **_scheme_options(set_))
     print(f"protected {model} for {scheme} → {folder}")
 
 

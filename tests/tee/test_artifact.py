@@ -70,11 +70,41 @@ def test_protect_refuses_to_overwrite_or_store_the_key_inside(artifact, tmp_path
 def test_cli_protect_and_generate(tmp_path):
     runner = CliRunner()
     key = tmp_path / "k"
-    res = runner.invoke(app, ["protect", "tiny-gpt2", "--out", str(tmp_path / "a"), "--key-file", str(key)])
+    res = runner.invoke(app, ["protect", "tiny-gpt2", "--out", str(tmp_path / "a"), "--key-file", str(key),
+                              "--set", "rank=4", "--set", "pads=fixed"])
     assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["protect", "tiny-gpt2", "--out", str(tmp_path / "b"), "--key-file", str(key),
+                              "--set", "rank"])
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
     res = runner.invoke(app, ["generate", "1 2 3", "--model", str(tmp_path / "a"), "--key-file",
-                              str(key), "-n", "4"])
+                              str(key), "-n", "4", "--set", "device=thread"])
     assert res.exit_code == 0, res.output
     assert "[loro]" in res.output
     res = runner.invoke(app, ["generate", "1 2 3", "--model", str(tmp_path / "a"), "-n", "4"])
     assert res.exit_code == 2 and "no sealing key" in res.output
+
+
+@pytest.mark.parametrize("scheme", ["tlg", "soter", "nnsplitter", "shadownet", "shielded"])
+def test_every_tee_scheme_protects_and_runs_from_its_artifact(scheme, tmp_path):
+    key = tmp_path / "k"
+    folder = protect("tiny-qwen2", scheme, tmp_path / "out", key_file=key)
+    assert (folder / "device" / "model.safetensors").is_file() == (scheme != "shielded")
+    m = veil.load(folder, key_file=key, device="thread", record_view=scheme != "shielded")
+    assert m.scheme == scheme
+    plain = veil.load("tiny-qwen2")
+    assert ([g.token_ids for g in m.generate([[1, 2, 3], [4, 5]], max_new_tokens=8)]
+            == [g.token_ids for g in plain.generate([[1, 2, 3], [4, 5]], max_new_tokens=8)])
+    if scheme != "shielded":
+        # the device holds the obfuscated matrices only: no norms, biases or tables
+        resident = m.device_view().resident
+        assert resident and not any("norm" in k or k.endswith(".bias") or k.startswith("embed")
+                                    for k in resident)
+        m.ops.close()
+    with pytest.raises(ConfigError, match="verify"):
+        veil.load(folder, key_file=key, device="thread", verify=True)
+    # a sealed file made for one scheme cannot be passed off as another's
+    info = folder / "veil-artifact.json"
+    other = "tlg" if scheme != "tlg" else "soter"
+    info.write_text(info.read_text().replace(f'"{scheme}"', f'"{other}"'))
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        veil.load(folder, key_file=key, device="thread")

@@ -46,3 +46,6 @@ def test_projection_formula():
     slow = project(SplitCounts(flops, wbytes, flops, wbytes, 1e12, 0, 0, 0), hw)
     assert slow["total_s"] == pytest.approx(1e12 / (hw.tee_gflops * 1e9))
     assert split.enclave_share == pytest.approx(1e9 / (1e9 + flops))
+    # the enclave's online AES work (LoRO's pad store) is on the critical path
+    sealed = project(SplitCounts(flops, wbytes, flops, wbytes, 1e9, 0, 1e6, 100, 2e6), hw)
+    assert sealed["total_s"] - p["total_s"] == pytest.approx(2e6 / (hw.tee_aes_gbs * 1e9))

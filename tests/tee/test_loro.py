@@ -27,11 +27,15 @@ def test_tiny_matches_plain(preset, options):
             == [g.token_ids for g in loro.generate(prompts, max_new_tokens=16)])
 
 
-def test_device_holds_only_masked_weights_and_no_norms():
+def test_device_holds_only_masked_weights_sealed_pads_and_no_norms():
     loro = veil.load("tiny-llama", scheme="loro")
+    loro.generate([1, 2, 3], max_new_tokens=2)
     resident = loro.device_view().resident
-    assert all(k.endswith(".weight") and "norm" not in k for k in resident)
-    assert not any(k.endswith(".bias") for k in resident)
+    weights = {k for k in resident if k.endswith(".weight")}
+    stores = {k for k in resident if k.startswith("pads.")}
+    assert all("norm" not in k for k in weights) and not any(k.endswith(".bias") for k in resident)
+    assert stores and all(resident[k].dtype == torch.uint8 for k in stores)   # ciphertext only
+    assert set(resident) - weights - stores == {"kv_cache.k", "kv_cache.v"}
 
 
 def test_invalid_options():

@@ -57,8 +57,8 @@ def _counts(model: Any, ids: list[int], weight_bytes: float) -> dict[str, Any]:
         overlap = s.get("enclave_overlap_flops", 0.0)
         return SplitCounts(flops, weight_bytes, s["device_flops"], s["device_weight_bytes"],
                            overlap, s["enclave_flops"] - overlap,
-                           s["bytes_sent"] + s["bytes_received"] + s.get("pad_bytes_used", 0),
-                           s["round_trips"])
+                           s["bytes_sent"] + s["bytes_received"],   # sealed pad products included
+                           s["round_trips"], s.get("enclave_crypto_bytes", 0.0))
 
     step = {k: two.split[k] - one.split.get(k, 0) for k in two.split}
     if "device_weight_bytes" in two.split:
@@ -181,7 +181,7 @@ def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any) -> str:
                    f"{r['enclave_wait_frac']:.0%} | {r['max_abs_logit_err_vs_plain']:.1e} | "
                    f"{r['same_tokens_as_plain']} |")
     out += ["", f"## Counts per decode step (context {w['long_prompt']} tokens)", "",
-            "| scheme | enclave share of FLOPs | channel + pad KiB/token | round trips/token | "
+            "| scheme | enclave share of FLOPs | channel KiB/token (pad products incl.) | round trips/token | "
             "resident secrets MiB | % of weights | without multiplexing MiB | offline pad MFLOP/token | "
             "offline pad ms/token |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

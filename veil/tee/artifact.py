@@ -1,9 +1,11 @@
 """Protected artifacts: `veil protect MODEL --scheme S --out DIR`, and `veil.load(DIR)`.
 
-DIR/device/model.safetensors  everything the untrusted side may hold (masked weights)
+DIR/device/model.safetensors  everything the untrusted side may hold (masked / obfuscated weights;
+                              absent for `shielded`, whose device holds nothing)
 DIR/device/config.json        the architecture (public: the attacker knows it anyway)
 DIR/enclave.sealed            the enclave's secrets, AES-256-GCM (veil/tee/sealing.py), with the
-                              digest of the device weights it was made with
+                              digest of the device weights it was made with (for `shielded`, the
+                              whole model)
 DIR/tokenizer files           public
 DIR/veil-artifact.json        {"scheme": …, "format": 1}
 The sealing key never goes into DIR: it comes from a key file outside it or $VEIL_SEAL_KEY.
@@ -30,7 +32,8 @@ from veil.tee.sealing import read_key, seal, unseal, write_key
 
 ARTIFACT = "veil-artifact.json"
 FORMAT = 1
-PROTECTABLE = ("loro",)
+PROTECTABLE = ("loro", "tlg", "soter", "nnsplitter", "shadownet", "shielded")
+_AESGCM_MAX = (1 << 31) - 1       # the most one AES-GCM call of `cryptography` takes
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
 
@@ -52,7 +55,6 @@ def protect(model: str | Path, scheme: str, out: Path, key_file: Path | None = N
             **options: Any) -> Path:
     """Protect a model for `scheme` into a new folder `out`."""
     from veil.api import open_model
-    from veil.tee.runtime import protect_loro
 
     if scheme not in PROTECTABLE:
         raise UnsupportedError(f"veil protect supports {', '.join(PROTECTABLE)}, not {scheme!r}")
@@ -61,9 +63,13 @@ def protect(model: str | Path, scheme: str, out: Path, key_file: Path | None = N
         raise ConfigError(f"{out} exists and is not empty; choose a new folder (nothing is overwritten)")
     key = _key_for_protect(out, key_file)
     opened = open_model(model)
-    secrets_, device_weights = protect_loro(opened.cfg, opened.weights, options)
+    tensors, meta, device_weights = _protect(scheme, opened.cfg, opened.weights, dict(options))
+    if sum(t.nbytes for t in tensors.values()) > _AESGCM_MAX:
+        raise UnsupportedError(f"{scheme}: the enclave's secrets exceed 2 GiB, more than one sealed "
+                               f"file holds (a model this large is not a case for {scheme})")
     (out / "device").mkdir(parents=True, exist_ok=True)
-    save_file(device_weights, str(out / "device" / "model.safetensors"))
+    if device_weights:
+        save_file(device_weights, str(out / "device" / "model.safetensors"))
     hf_cfg = (json.loads((opened.folder / "config.json").read_text()) if opened.folder is not None
               else hf_config_dict(opened.cfg))
     (out / "device" / "config.json").write_text(json.dumps(hf_cfg, indent=2))
@@ -71,12 +77,50 @@ def protect(model: str | Path, scheme: str, out: Path, key_file: Path | None = N
         for name in _TOKENIZER_FILES:
             if (opened.folder / name).is_file():
                 shutil.copy(opened.folder / name, out / name)
-    tensors, meta = secrets_.to_sealable()
-    meta["device_sha256"] = file_sha256(out / "device" / "model.safetensors")
+    meta["device_sha256"] = (file_sha256(out / "device" / "model.safetensors") if device_weights
+                             else None)
     (out / "enclave.sealed").write_bytes(seal(tensors, key, f"{scheme}/enclave", meta))
     (out / ARTIFACT).write_text(json.dumps({"scheme": scheme, "format": FORMAT,
                                             "source": opened.source}, indent=2))
     return out
+
+
+def _protect(scheme: str, cfg, weights, options: dict[str, Any]):
+    """(sealable tensors, metadata, device weights) of `scheme`'s offline step."""
+    if scheme == "shielded":
+        if options:
+            raise UnsupportedError(f"scheme 'shielded' takes no options, got {sorted(options)}")
+        return {f"enclave.{k}": v for k, v in weights.items()}, {}, {}
+    if scheme == "loro":
+        from veil.tee.runtime import protect_loro
+
+        secrets_, device_weights = protect_loro(cfg, weights, options)
+    else:
+        from veil.tee.schemes.baselines import protect_baseline_secrets
+
+        secrets_, device_weights = protect_baseline_secrets(scheme, cfg, weights, options)
+    tensors, meta = secrets_.to_sealable()
+    return tensors, meta, device_weights
+
+
+def _run(scheme: str, cfg, tensors, meta, device, weight_of, verify: bool):
+    """The online enclave of `scheme` from its unsealed secrets."""
+    if verify and scheme != "loro":
+        raise ConfigError(f"verify (Freivalds checks) is offered for loro, not {scheme!r}")
+    if scheme == "shielded":
+        from veil.backends.plain import TorchOps
+
+        ops = TorchOps(cfg, {k.removeprefix("enclave."): v for k, v in tensors.items()})
+        ops.name = "shielded"
+        return ops
+    if scheme == "loro":
+        from veil.tee.runtime import run_loro
+        from veil.tee.schemes.loro import LoroSecrets
+
+        return run_loro(cfg, LoroSecrets.from_sealed(tensors, meta), device, weight_of, verify)
+    from veil.tee.schemes.baselines import BaselineSecrets, run_baseline
+
+    return run_baseline(cfg, BaselineSecrets.from_sealed(tensors, meta), device)
 
 
 def load_artifact(folder: Path, scheme: str, options: dict[str, Any]):
@@ -84,8 +128,6 @@ def load_artifact(folder: Path, scheme: str, options: dict[str, Any]):
     the device (its own process by default), return a `Model`."""
     from veil.api import Model
     from veil.ops import check_support
-    from veil.tee.runtime import run_loro
-    from veil.tee.schemes.loro import LoroSecrets
 
     try:
         info = json.loads((folder / ARTIFACT).read_text())
@@ -103,23 +145,28 @@ def load_artifact(folder: Path, scheme: str, options: dict[str, Any]):
         raise IntegrityError(f"{folder}: enclave.sealed is missing")
     tensors, meta = unseal(sealed.read_bytes(), key, f"{recorded}/enclave", str(sealed))
     cfg = load_config(folder / "device")
-    weights_path = folder / "device" / "model.safetensors"
-    reader = SafetensorsReader(weights_path, sha256=meta["device_sha256"])
     record = bool(options.pop("record_view", False))
     verify = bool(options.pop("verify", False))
     mode = options.pop("device", "process")
     threads = options.pop("device_threads", None)
     if options:
         raise ConfigError(f"unknown options for a protected artifact: {sorted(options)}")
-    if mode == "process":
-        device = DeviceHandle.in_process(weights_path, record, threads=threads)
-    elif mode == "thread":
-        from veil.model.weights import read_safetensors
-
-        device = DeviceHandle.in_thread(read_safetensors([weights_path]), record)
-    else:
+    if mode not in ("thread", "process"):
         raise ConfigError(f"device must be 'thread' or 'process', got {mode!r}")
-    ops = run_loro(cfg, LoroSecrets.from_sealed(tensors, meta), device, reader.weight, verify)
+    device, weight_of = None, None
+    if recorded != "shielded":
+        weights_path = folder / "device" / "model.safetensors"
+        if not isinstance(meta.get("device_sha256"), str):
+            raise IntegrityError(f"{sealed}: no digest of the device weights")
+        reader = SafetensorsReader(weights_path, sha256=meta["device_sha256"])
+        weight_of = reader.weight
+        if mode == "process":
+            device = DeviceHandle.in_process(weights_path, record, threads=threads)
+        else:
+            from veil.model.weights import read_safetensors
+
+            device = DeviceHandle.in_thread(read_safetensors([weights_path]), record)
+    ops = _run(recorded, cfg, tensors, meta, device, weight_of, verify)
     check_support(ops, cfg)
     tokenizer = Tokenizer(folder) if Tokenizer.present(folder) else None
     return Model(cfg, ops, recorded, tokenizer, str(folder))

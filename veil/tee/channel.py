@@ -122,11 +122,12 @@ class Channel:
         self.send(Message(op, args, tensors or []))
         return self.reply()
 
-    def call_uncounted(self, op: str, **args) -> Message:
-        """A bookkeeping request (the peer's own counters) that must not count as traffic."""
+    def call_uncounted(self, op: str, tensors: list[torch.Tensor] | None = None, **args) -> Message:
+        """A request that must not count as online traffic: bookkeeping (the peer's own counters)
+        or offline work the caller accounts for itself."""
         saved = copy.deepcopy(self.stats)
         try:
-            return self.call(op, **args)
+            return self.call(op, tensors, **args)
         finally:
             self.stats = saved
 

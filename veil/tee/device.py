@@ -8,12 +8,15 @@ everything resident in its memory (`View`). Attacks and audits take a `View` and
 Ops (request → reply):
   put      tensors named by args.names → stored (resident)              → ok
   linear   args.names, x (N, in)       → [x W_nᵀ + b_n for each name]   (one round trip for several)
+           [args.fetch = [start, n]: followed by rows start…start+n of "pads.<name>" for each name]
+  stash    args.names/start/capacity, blobs (n, L) uint8 → rows start… of opaque row stores
+           (capacity rows each; LoRO's sealed pad products, veil/tee/pads.py)   → ok
   rows     args.name, ids (N,)         → rows of a stored table (embedding lookups)
   cache    args.layers/batch/capacity/kv_heads/head_dim → a fresh KV cache (resident)
   attention args.layer/start/n_heads/head_dim, q (B,T,nh·hd), k, v (B,T,nkv·hd)[, key_valid (B,S)]
                                        → softmax(q kᵀ/√hd) v (B,T,nh·hd), with k, v appended to the cache
   view     → every resident tensor and, if recording, every received tensor
-  stats    → the device's FLOPs and busy seconds so far (as it reports them)
+  stats    → the device's FLOPs, busy seconds, resident weight bytes and opaque store bytes
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class DeviceState:
         handler = getattr(self, f"_op_{msg.op}", None)
         if handler is None:
             raise ProtocolAbort(f"unknown op {msg.op!r}")
-        if self.record and msg.op not in ("put", "view", "ping", "stats"):
+        # put/stash data stays resident and shows in the view as such
+        if self.record and msg.op not in ("put", "stash", "view", "ping", "stats"):
             for i, t in enumerate(msg.tensors):
                 self.received.append((f"{msg.op}:{msg.args.get('names', msg.args.get('layer', ''))}:{i}", t))
         t0 = time.perf_counter()
@@ -76,8 +80,10 @@ class DeviceState:
 
     def _op_stats(self, msg: Message) -> Message:
         """The device's own counters (it reports them; the enclave cannot measure them)."""
+        stores = sum(t.nbytes for n, t in self.tensors.items() if t.dtype == torch.uint8)
         return Message("stats", {"flops": self.flops, "busy_s": self.busy_s,
-                                 "resident_bytes": sum(t.nbytes for t in self.tensors.values())})
+                                 "resident_bytes": sum(t.nbytes for t in self.tensors.values()) - stores,
+                                 "store_bytes": stores})
 
     def _op_put(self, msg: Message) -> Message:
         names = msg.args.get("names", [])
@@ -95,7 +101,29 @@ class DeviceState:
                 raise ProtocolAbort(f"linear {name}: input has {x.shape[-1]} features, weight takes {w.shape[1]}")
             out.append(F.linear(x, w, self.tensors.get(f"{name}.bias")))
             self.flops += 2 * x[..., 0].numel() * w.numel()
+        if "fetch" in msg.args:
+            start, n = (int(v) for v in msg.args["fetch"])
+            for name in msg.args["names"]:
+                store = self._need(f"pads.{name}")
+                if start < 0 or n < 0 or start + n > store.shape[0]:
+                    raise ProtocolAbort(f"linear {name}: fetch rows {start}+{n} outside the store "
+                                        f"({store.shape[0]} rows)")
+                out.append(store[start:start + n])
         return Message("linear", {}, out)
+
+    def _op_stash(self, msg: Message) -> Message:
+        a = msg.args
+        names, start, capacity = a.get("names", []), int(a.get("start", 0)), int(a.get("capacity", 0))
+        if len(names) != len(msg.tensors):
+            raise ProtocolAbort("stash: names and tensors differ in number")
+        for name, blob in zip(names, msg.tensors):
+            if blob.dtype != torch.uint8 or blob.dim() != 2 or not 0 <= start <= capacity - blob.shape[0]:
+                raise ProtocolAbort(f"stash {name}: need uint8 rows inside {capacity} rows")
+            store = self.tensors.get(name)
+            if store is None or store.shape != (capacity, blob.shape[1]):
+                store = self.tensors[name] = torch.zeros(capacity, blob.shape[1], dtype=torch.uint8)
+            store[start:start + blob.shape[0]] = blob
+        return Message("ok")
 
     def _op_rows(self, msg: Message) -> Message:
         """Rows of a stored table (embedding lookups): ids (N,) → (N, d)."""

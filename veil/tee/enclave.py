@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from veil.backends.plain import TorchOps
+from veil.errors import ProtocolAbort
 from veil.model.config import ModelConfig
 from veil.ops import Step
 from veil.tee.channel import Channel
@@ -36,11 +37,16 @@ class LinearProtocol(Protocol):
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """(N, in) true input → (what the device receives, private context)."""
 
+    def request_args(self, ctx: Any) -> dict:
+        """Extra arguments for the device's linear request (e.g. LoRO's pad-store fetch: the
+        device then appends one extra tensor per name to its reply)."""
+
     def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
         """Enclave work that overlaps the device's matmul (e.g. LoRO's (xB)A)."""
 
-    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
-        """The device's output → the true y (bias included)."""
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any,
+               fetched: torch.Tensor | None) -> torch.Tensor:
+        """The device's output (and the extra tensor fetched for this name) → the true y."""
 
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
         """Rows of an obfuscated table (embeddings) → the true rows."""
@@ -180,11 +186,14 @@ class EnclaveOps(TorchOps):
                "enclave_flops": getattr(self.protocol, "enclave_flops", 0) + self.mixing_flops,
                "enclave_overlap_flops": getattr(self.protocol, "overlap_flops", 0),
                "device_flops": float(dev.get("flops", 0)), "device_busy_s": float(dev.get("busy_s", 0)),
-               "device_weight_bytes": float(dev.get("resident_bytes", 0))}
+               "device_weight_bytes": float(dev.get("resident_bytes", 0)),
+               "device_store_bytes": float(dev.get("store_bytes", 0))}
         pool = getattr(self.protocol, "pool", None)
         if pool is not None:
             out["offline_flops"], out["offline_s"] = pool.cost.flops, pool.cost.seconds
             out["pad_bytes_used"] = pool.cost.used_bytes
+            out["offline_bytes"] = pool.cost.stored_bytes
+            out["enclave_crypto_bytes"] = pool.cost.crypto_bytes
         return out
 
     def new_cache(self, batch: int, capacity: int) -> None:
@@ -214,13 +223,20 @@ class EnclaveOps(TorchOps):
         flat = x.reshape(-1, x.shape[-1])                                 # (N, in)
         group = names[0]
         x_dev, ctx = self.protocol.conceal(group, flat)
-        self.channel.send(Message("linear", {"names": list(names)}, [x_dev]))
+        args = self.protocol.request_args(ctx)
+        self.channel.send(Message("linear", {"names": list(names), **args}, [x_dev]))
         pre = [self.protocol.precompute(n, flat, ctx) for n in names]    # overlaps the device
-        outs = self.channel.reply().tensors
+        reply = self.channel.reply().tensors
+        k = len(names)
+        if len(reply) != (2 * k if args else k):
+            raise ProtocolAbort(f"linear {group}: the device sent {len(reply)} tensors, "
+                                f"expected {2 * k if args else k}")
+        outs, fetched = reply[:k], (reply[k:] if args else [None] * k)
         if self.verifier is not None:
             for n, y in zip(names, outs):
                 self.verifier.check_linear(n, x_dev, y)
-        return tuple(self.protocol.reveal(n, y, p).view(*lead, -1) for n, y, p in zip(names, outs, pre))
+        return tuple(self.protocol.reveal(n, y, p, ctx, f).view(*lead, -1)
+                     for n, y, p, f in zip(names, outs, pre, fetched))
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.linears(x, (name,))[0]

@@ -9,6 +9,7 @@ cross and the number of crossings. `project` maps them onto a `Hardware` profile
     device   = max(device FLOPs / accel rate, device weight bytes / accel bandwidth)   (roofline)
     overlap  = enclave work done while the device multiplies / TEE rate   (LoRO's corrections)
     serial   = max(enclave model + serial FLOPs / TEE rate, enclave weight bytes / TEE bandwidth)
+               + online crypto bytes / TEE AES rate   (LoRO's pad keystream and sealed products)
     link     = crossing bytes / link bandwidth + crossings × world-switch time
     total    = max(device, overlap) + serial + link
 
@@ -30,7 +31,8 @@ from veil.errors import ConfigError
 
 HARDWARE_DIR = Path(__file__).parent / "hardware"
 DEFAULT_HARDWARE = HARDWARE_DIR / "jetson-orin-nx-optee.json"
-_NUMBERS = ("accel_gflops", "accel_gbs", "tee_gflops", "tee_gbs", "link_gbs", "switch_us")
+_NUMBERS = ("accel_gflops", "accel_gbs", "tee_gflops", "tee_gbs", "tee_aes_gbs", "link_gbs",
+            "switch_us")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Hardware:
     accel_gbs: float        # its effective memory bandwidth (GB/s)
     tee_gflops: float       # effective fp32 rate of code inside the TEE (one core)
     tee_gbs: float          # memory bandwidth the TEE reaches (GB/s)
+    tee_aes_gbs: float      # AES-CTR/GCM throughput inside the TEE (GB/s)
     link_gbs: float         # copy bandwidth across the REE/TEE boundary (GB/s)
     switch_us: float        # one crossing and back (world switch / enclave call), microseconds
     sources: dict[str, str]
@@ -76,6 +79,7 @@ class SplitCounts:
     enclave_serial_flops: float  # protocol work on the critical path (masking, head mixing)
     transfer_bytes: float        # bytes across the boundary, both ways, pad material included
     round_trips: float
+    enclave_crypto_bytes: float = 0.0  # AES work on the critical path (LoRO's pad store)
 
     @property
     def enclave_model_flops(self) -> float:
@@ -103,7 +107,8 @@ def project(c: SplitCounts, hw: Hardware) -> dict[str, float]:
     device = max(c.device_flops / (hw.accel_gflops * 1e9), c.device_weight_bytes / (hw.accel_gbs * 1e9))
     overlap = c.enclave_overlap_flops / (hw.tee_gflops * 1e9)
     serial = max((c.enclave_model_flops + c.enclave_serial_flops) / (hw.tee_gflops * 1e9),
-                 c.enclave_weight_bytes / (hw.tee_gbs * 1e9))
+                 c.enclave_weight_bytes / (hw.tee_gbs * 1e9)) \
+        + c.enclave_crypto_bytes / (hw.tee_aes_gbs * 1e9)
     link = c.transfer_bytes / (hw.link_gbs * 1e9) + c.round_trips * hw.switch_us * 1e-6
     return {"device_s": device, "overlap_s": overlap, "enclave_s": serial, "link_s": link,
             "total_s": max(device, overlap) + serial + link}

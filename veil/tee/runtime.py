@@ -24,8 +24,8 @@ from veil.tee.device import DeviceState, View
 from veil.tee.process import DeviceHandle, SafetensorsReader
 from veil.tee.enclave import EnclaveOps, HeadMixing
 from veil.tee.integrity import Freivalds
-from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, PadPool,
-                                   input_groups, make_factors, masked_matrices, masked_weights,
+from veil.tee.pads import PadPool
+from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, input_groups, make_factors, masked_matrices, masked_weights,
                                    secret_generator)
 
 
@@ -114,7 +114,11 @@ def protect_loro(cfg: ModelConfig, weights: Weights,
 def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, device: DeviceHandle,
              weight_of: Callable[[str], torch.Tensor], verify: bool) -> TeeModelOps:
     """The online enclave over a running device."""
-    pool = PadPool(input_groups(cfg), secrets_.lcfg.pads, weight_of)
+    def stash(names: list[str], start: int, capacity: int, blobs: list[torch.Tensor]) -> None:
+        # offline traffic: the pool counts it itself (PadCost.stored_bytes)
+        device.channel.call_uncounted("stash", blobs, names=names, start=start, capacity=capacity)
+
+    pool = PadPool(input_groups(cfg), secrets_.lcfg.pads, weight_of, stash)
     biases = {k: v for k, v in secrets_.local.items() if k.endswith(".bias") and "norm" not in k}
     protocol = LoroProtocol(cfg, secrets_.bank, biases, pool, secrets_.lcfg.pad_ratio)
     verifier = None

@@ -113,7 +113,11 @@ class BaselineProtocol:
         self.overlap_flops += 2 * x.shape[0] * len(o.delta_val)
         return torch.zeros(x.shape[0], o.out_dim).index_add_(1, o.delta_idx[:, 0], contrib)
 
-    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
+    def request_args(self, ctx: Any) -> dict:
+        return {}
+
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any = None,
+               fetched: torch.Tensor | None = None) -> torch.Tensor:
         o = self.obf[name]
         y = y_dev - pre if pre is not None else y_dev
         y = y / (o.scale if not isinstance(o.scale, torch.Tensor) else o.scale)
@@ -198,17 +202,75 @@ class BaselineOps(TeeModelOps):
                 + sum(p.nbytes() for p in self.perms or []))
 
 
-def start_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> BaselineOps:
-    """`veil.load(model, scheme=…)` for a baseline: protect in memory, then run over a device
-    started by `start_device` (thread by default, or its own process)."""
-    device_options = {k: options.pop(k) for k in list(options) if k in DEVICE_OPTIONS}
+@dataclass
+class BaselineSecrets:
+    """What a baseline's enclave keeps (what `veil protect` seals): its in-the-clear parameters
+    (norms, biases, tables, LM head, the matrices it computes itself), each device matrix's
+    transform, and tlg's attention permutations."""
+
+    scheme: str
+    enclave: dict[str, torch.Tensor]
+    obf: dict[str, Obfuscation]
+    local_names: set[str]
+    perms: list  # list[HeadMixing]
+
+    _FIELDS = ("perm_in", "perm_out", "scale", "delta_idx", "delta_val")
+
+    def to_sealable(self) -> tuple[dict[str, torch.Tensor], dict]:
+        t: dict[str, torch.Tensor] = {f"enclave.{k}": v for k, v in self.enclave.items()}
+        obf_meta = {}
+        for n, o in self.obf.items():
+            obf_meta[n] = {"out_dim": o.out_dim}
+            for f in self._FIELDS:
+                v = getattr(o, f)
+                if isinstance(v, torch.Tensor):
+                    t[f"obf.{f}.{n}"] = v
+                elif v is not None:
+                    obf_meta[n][f] = float(v)
+        for i, p in enumerate(self.perms):
+            for f in ("q_heads", "k_heads", "r", "s"):
+                t[f"mix.{i}.{f}"] = getattr(p, f)
+        return t, {"scheme": self.scheme, "obf": obf_meta, "local_names": sorted(self.local_names),
+                   "layers": len(self.perms)}
+
+    @staticmethod
+    def from_sealed(t: dict[str, torch.Tensor], meta: dict) -> "BaselineSecrets":
+        obf = {}
+        for n, m in meta["obf"].items():
+            fields = {f: t.get(f"obf.{f}.{n}", m.get(f)) for f in BaselineSecrets._FIELDS}
+            obf[n] = Obfuscation(int(m["out_dim"]), fields["perm_in"], fields["perm_out"],
+                                 fields["scale"] if fields["scale"] is not None else 1.0,
+                                 fields["delta_idx"], fields["delta_val"])
+        perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r", "s")))
+                 for i in range(int(meta["layers"]))]
+        enclave = {k.removeprefix("enclave."): v for k, v in t.items() if k.startswith("enclave.")}
+        return BaselineSecrets(meta["scheme"], enclave, obf, set(meta["local_names"]), perms)
+
+
+def protect_baseline_secrets(scheme: str, cfg: ModelConfig, weights: Weights,
+                             options: dict[str, Any]) -> tuple[BaselineSecrets, dict[str, torch.Tensor]]:
+    """The offline step: the enclave's secrets and the device's weights."""
     device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, options)
     keep = {"embed.weight", "pos_embed.weight", "lm_head.weight"}
     enclave = {k: v for k, v in weights.items()
                if "norm" in k or k.endswith(".bias") or k in keep or k.rsplit(".", 1)[0] in local_names}
-    on_device = scheme == "tlg"
-    perms = [HeadMixing.sample(cfg, "permute") for _ in range(cfg.n_layers)] if on_device else []
+    perms = ([HeadMixing.sample(cfg, "permute") for _ in range(cfg.n_layers)] if scheme == "tlg"
+             else [])
+    return BaselineSecrets(scheme, enclave, obf, local_names, perms), device_weights
+
+
+def run_baseline(cfg: ModelConfig, secrets_: BaselineSecrets, device: DeviceHandle) -> BaselineOps:
+    """The online enclave of a baseline over a running device."""
+    biases = {k: v for k, v in secrets_.enclave.items() if k.endswith(".bias") and "norm" not in k}
+    protocol = BaselineProtocol(secrets_.obf, biases, input_groups(cfg))
+    return BaselineOps(cfg, dict(secrets_.enclave), protocol, secrets_.perms, device.channel,
+                       secrets_.scheme, secrets_.local_names, secrets_.scheme == "tlg", device)
+
+
+def start_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> BaselineOps:
+    """`veil.load(model, scheme=…)` for a baseline: protect in memory, then run over a device
+    started by `start_device` (thread by default, or its own process)."""
+    device_options = {k: options.pop(k) for k in list(options) if k in DEVICE_OPTIONS}
+    secrets_, device_weights = protect_baseline_secrets(scheme, cfg, weights, options)
     device, _ = start_device(device_weights, device_options)
-    biases = {k: v for k, v in enclave.items() if k.endswith(".bias") and "norm" not in k}
-    protocol = BaselineProtocol(obf, biases, input_groups(cfg))
-    return BaselineOps(cfg, enclave, protocol, perms, device.channel, scheme, local_names, on_device, device)
+    return run_baseline(cfg, secrets_, device)

@@ -10,7 +10,8 @@ Protocol, per weight matrix W (out×in) — every linear, and the embedding tabl
      s = pad_ratio × the row's RMS rounded up to a power of two (so the device learns each row's
      RMS within a factor of 2, and nothing of its direction);
      the device returns ỹ = x̃W'ᵀ; meanwhile the enclave computes c = γ(xB)A; then
-     y = ỹ − c − s·(g·W'ᵀ) + b, with g·W'ᵀ precomputed offline. Exact up to rounding.
+     y = ỹ − c − s·(g·W'ᵀ) + b, with g·W'ᵀ precomputed offline and kept sealed on the device,
+     which returns it with ỹ (veil/tee/pads.py). Exact up to rounding.
   3. Embedding rows come back as E'[i] = E[i] + γ(B A[:, i])ᵀ; the enclave subtracts that.
   4. Attention runs on the device under secret head-block permutations (veil/tee/enclave.py).
   5. Factor multiplexing: a small bank of cornerstone factors per dimension; each matrix's B and A
@@ -40,6 +41,7 @@ import torch
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
+from veil.tee.pads import PadPool
 
 
 def secret_generator() -> torch.Generator:
@@ -174,67 +176,6 @@ def input_groups(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     return groups
 
 
-@dataclass
-class PadCost:
-    rows: int = 0           # rows made (offline)
-    flops: int = 0
-    seconds: float = 0.0
-    used_bytes: int = 0     # pad material consumed online (what a TEE with a small secure memory
-                            # would read back from sealed storage outside it)
-
-
-class PadPool:
-    """One-time unit pads g and their products g·W'ᵀ, made offline.
-
-    `fresh`: a new Gaussian row per input row; the pool is refilled (offline work, counted in
-    `cost`) before a generation for the rows it will need. `fixed`: one row per group, reused.
-    """
-
-    def __init__(self, groups: dict[str, tuple[str, ...]], mode: str,
-                 weight_of: Callable[[str], torch.Tensor]) -> None:
-        self.groups, self.mode, self.weight_of = groups, mode, weight_of
-        self.pads: dict[str, torch.Tensor] = {}
-        self.products: dict[str, torch.Tensor] = {}
-        self.cost = PadCost()
-        self.gen = secret_generator()
-        if mode == "fixed":
-            self.refill(1)
-
-    def refill(self, rows: int) -> None:
-        t0 = time.perf_counter()
-        for g, names in self.groups.items():
-            in_dim = self.weight_of(names[0]).shape[1]
-            pad = torch.randn(rows, in_dim, generator=self.gen)          # unit pads; scaled online
-            self.pads[g] = pad
-            for n in names:
-                w = self.weight_of(n)
-                # float64: the enclave's share should add no rounding of its own to the
-                # cancellation ỹ − c − pad·W'ᵀ, whose terms are much larger than y
-                self.products[n] = pad.double() @ w.double().t()          # (rows, out)
-                self.cost.flops += 2 * rows * w.numel()
-        self.cost.rows += rows
-        self.cost.seconds += time.perf_counter() - t0
-        self.cursor = {g: 0 for g in self.groups}
-
-    def take(self, group: str, rows: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        names = self.groups[group]
-        if self.mode == "fixed":
-            return (self.pads[group].expand(rows, -1),
-                    {n: self.products[n].expand(rows, -1) for n in names})
-        self.cost.used_bytes += rows * (self.pads[group][0].nbytes
-                                        + sum(self.products[n][0].nbytes for n in names))
-        start = self.cursor[group]
-        if start + rows > self.pads[group].shape[0]:
-            self.refill(max(rows, self.pads[group].shape[0]))
-            start = 0
-        self.cursor[group] = start + rows
-        sl = slice(start, start + rows)
-        return self.pads[group][sl], {n: self.products[n][sl] for n in names}
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in [*self.pads.values(), *self.products.values()])
-
-
 class LoroProtocol:
     """The enclave's side of LoRO's linear protocol (see the module docstring, step 2).
 
@@ -267,7 +208,7 @@ class LoroProtocol:
             self.pool.refill(rows)
 
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        g, products = self.pool.take(self.group_of[group], x.shape[0])
+        g, ticket = self.pool.take(self.group_of[group], x.shape[0])
         # pad scale: pad_ratio × the row's RMS, rounded up to a power of two (frexp: v = m·2^e
         # with m in [0.5, 1), so 2^e ≥ v > 2^(e−1))
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)              # (N, 1)
@@ -282,16 +223,18 @@ class LoroProtocol:
             bank_b = self.b_flat[x.shape[1]]
             xb = (x @ bank_b).view(x.shape[0], -1, self.bank.rank)           # (N, m_b, r)
             self.enclave_flops += 2 * x.shape[0] * bank_b.numel()
-        return torch.addcmul(x, scale, g), (scale.double(), products, x, xb)
+        return torch.addcmul(x, scale, g), (scale.double(), ticket, x, xb)
+
+    def request_args(self, ctx: Any) -> dict:
+        """Extra arguments of the linear request: fetch the sealed pad products with ỹ."""
+        return self.pool.fetch_args(ctx[1])
 
     def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
-        """Everything the enclave subtracts from the device's ỹ: γ(xB)A + s·(g·W'ᵀ) − b."""
-        scale, products, x, xb = ctx
+        """What the enclave can subtract before the device answers: γ(xB)A − b (float64)."""
+        scale, ticket, x, xb = ctx
         N, r = x.shape[0], self.bank.rank
-        base = scale * products[name]
         bias = self.bias64.get(name)
-        if bias is not None:
-            base = base - bias
+        base = -bias if bias is not None else torch.zeros((), dtype=torch.float64)
         if name in self.bank.direct:
             B, A, gamma = self.bank.direct[name]
             self._count(2 * N * r * (B.shape[0] + A.shape[1]))
@@ -316,8 +259,12 @@ class LoroProtocol:
         self.enclave_flops += flops
         self.overlap_flops += flops
 
-    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any) -> torch.Tensor:
-        return torch.sub(y_dev, pre).float()                                  # float64 cancellation
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any,
+               fetched: torch.Tensor | None) -> torch.Tensor:
+        scale, ticket = ctx[0], ctx[1]
+        pad = self.pool.products(name, ticket, fetched)                       # g·W'ᵀ, float64
+        # float64 cancellation ỹ − (γ(xB)A − b) − s·(g·W'ᵀ)
+        return torch.sub(y_dev, pre).sub_(pad.mul(scale)).float()
 
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
         B, A, gamma = self.bank.factors(name)

@@ -1,0 +1,186 @@
+"""LoRO's one-time pads: made offline in the enclave, their products kept sealed on the device.
+
+A fresh pad g (one Gaussian row per input row and linear group) needs its product g·W'ᵀ for each
+matrix of the group — out floats per row, ~1.7 MiB per token for the default model, far more than
+a TEE's secure memory should hold for a whole conversation. So (`fresh`, the default):
+
+- The pads themselves are never stored: row i of group k is AES-256-CTR keystream (key K_pad,
+  counter block = epoch | k | i·stride) turned Gaussian by Box–Muller. The enclave regenerates a
+  row when it needs it; nothing about it exists outside the enclave.
+- Offline (`refill`, before a generation) the enclave makes each row's products g·W'ᵀ (float64)
+  and seals each (matrix, row) with AES-256-GCM under K_seal, nonce = epoch | matrix | row, then
+  stores the ciphertexts on the device (op `stash`). The nonce binds every blob to its place:
+  a device that returns another row, another matrix's row, an older epoch's row or altered bytes
+  fails the tag → `IntegrityError`.
+- Online the products travel with the linear request that uses them (`fetch` on op `linear`): the
+  device returns them next to ỹ in the same reply, so the store costs no extra round trip; the
+  enclave opens them only to subtract s·(g·W'ᵀ).
+
+Both keys are drawn from the OS CSPRNG per pool and never leave the enclave; a new epoch per
+refill means a pad row is never reused. `fixed` mode (one pad per group, reused — the public
+code's setting, kept for the attacks) holds its few rows in the enclave.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from veil.errors import IntegrityError
+
+STORE_PREFIX = "pads."      # device tensor holding matrix n's sealed product rows: "pads.<n>"
+_TAG = 16
+_AAD = b"veil/loro/pad-product"
+_CHUNK_ROWS = 64            # offline work in chunks: the enclave never holds a whole pool
+
+
+@dataclass
+class PadCost:
+    rows: int = 0           # rows made (offline)
+    flops: int = 0
+    seconds: float = 0.0
+    stored_bytes: int = 0   # sealed products put on the device (offline traffic)
+    used_bytes: int = 0     # sealed products fetched back online (already in the channel bytes)
+    crypto_bytes: int = 0   # online AES work in the enclave: pad keystream + products opened
+
+
+class PadStream:
+    """Unit Gaussian pad rows from AES-CTR keystream: row i of group k is a pure function of
+    (key, epoch, k, i), so it is regenerated instead of stored."""
+
+    def __init__(self) -> None:
+        self.key = os.urandom(32)
+
+    @staticmethod
+    def stride(dim: int) -> int:
+        """16-byte counter blocks per row: two 32-bit words per pair of Gaussians."""
+        return math.ceil(8 * ((dim + 1) // 2) / 16)
+
+    def rows(self, epoch: int, group: int, start: int, n: int, dim: int) -> torch.Tensor:
+        half = (dim + 1) // 2
+        stride = self.stride(dim)
+        iv = struct.pack(">IIQ", epoch, group, start * stride)
+        enc = Cipher(algorithms.AES(self.key), modes.CTR(iv)).encryptor()
+        words = np.frombuffer(enc.update(bytes(n * stride * 16)), dtype=np.uint32)
+        words = words.reshape(n, stride * 4)[:, :2 * half].astype(np.float64)
+        u1 = (words[:, :half] + 0.5) * (1.0 / 2 ** 32)     # in (0, 1): log is finite
+        u2 = words[:, half:] * (2 * math.pi / 2 ** 32)
+        r = np.sqrt(-2.0 * np.log(u1))
+        z = np.concatenate([r * np.cos(u2), r * np.sin(u2)], axis=1)[:, :dim]
+        return torch.from_numpy(z.astype(np.float32))
+
+
+class PadPool:
+    """Pads for every linear group, and their products g·W'ᵀ.
+
+    `take(group, rows)` hands out the next unused pad rows and a ticket; `products(name, ticket,
+    fetched)` returns the matching g·W'ᵀ rows (float64) — opened from the sealed blobs the device
+    sent back (`fresh`) or from enclave memory (`fixed`)."""
+
+    def __init__(self, groups: dict[str, tuple[str, ...]], mode: str,
+                 weight_of: Callable[[str], torch.Tensor],
+                 stash: Callable[[list[str], int, int, list[torch.Tensor]], None] | None = None) -> None:
+        self.groups, self.mode, self.weight_of, self.stash = groups, mode, weight_of, stash
+        self.group_index = {g: i for i, g in enumerate(groups)}
+        self.matrix_index = {n: i for i, n in enumerate(n for names in groups.values() for n in names)}
+        self.in_dim = {g: weight_of(names[0]).shape[1] for g, names in groups.items()}
+        self.cost = PadCost()
+        self.stream = PadStream()
+        self.aead = AESGCM(os.urandom(32))
+        self.epoch = 0
+        self.capacity = 0
+        self.cursor = {g: 0 for g in groups}
+        self.pads: dict[str, torch.Tensor] = {}          # fixed mode only
+        self.fixed_products: dict[str, torch.Tensor] = {}
+        if mode == "fixed":
+            self.refill(1)
+        elif stash is None:
+            raise ValueError("fresh pads need a device store (stash)")
+
+    def _nonce(self, name: str, row: int) -> bytes:
+        return struct.pack("<III", self.epoch, self.matrix_index[name], row)
+
+    def refill(self, rows: int) -> None:
+        """Offline: a new epoch of `rows` pad rows per group, products sealed onto the device."""
+        t0 = time.perf_counter()
+        self.epoch += 1
+        for g, names in self.groups.items():
+            weights = [self.weight_of(n).double() for n in names]
+            for start in range(0, rows, _CHUNK_ROWS):
+                n = min(_CHUNK_ROWS, rows - start)
+                pad = self.stream.rows(self.epoch, self.group_index[g], start, n, self.in_dim[g])
+                blobs = []
+                for name, w in zip(names, weights):
+                    # float64: the enclave's share should add no rounding of its own to the
+                    # cancellation ỹ − c − s·g·W'ᵀ, whose terms are much larger than y
+                    prod = pad.double() @ w.t()                                # (n, out)
+                    self.cost.flops += 2 * n * w.numel()
+                    if self.mode == "fixed":
+                        self.pads[g], self.fixed_products[name] = pad, prod
+                        continue
+                    raw = prod.numpy()
+                    sealed = [self.aead.encrypt(self._nonce(name, start + i), raw[i].tobytes(), _AAD)
+                              for i in range(n)]
+                    blobs.append(torch.frombuffer(bytearray(b"".join(sealed)), dtype=torch.uint8)
+                                 .view(n, -1))
+                if blobs:
+                    assert self.stash is not None
+                    self.stash([STORE_PREFIX + name for name in names], start, rows, blobs)
+                    self.cost.stored_bytes += sum(b.numel() for b in blobs)
+        self.cost.rows += rows
+        self.capacity = rows
+        self.cursor = {g: 0 for g in self.groups}
+        self.cost.seconds += time.perf_counter() - t0
+
+    def take(self, group: str, rows: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The next `rows` unit pad rows of `group` (float32) and their ticket (start, rows)."""
+        if self.mode == "fixed":
+            return self.pads[group].expand(rows, -1), (0, rows)
+        start = self.cursor[group]
+        if start + rows > self.capacity:
+            self.refill(max(rows, self.capacity))   # (outside a planned generation: more rows)
+            start = 0
+        self.cursor[group] = start + rows
+        self.cost.crypto_bytes += rows * PadStream.stride(self.in_dim[group]) * 16
+        return self.stream.rows(self.epoch, self.group_index[group], start, rows, self.in_dim[group]), \
+            (start, rows)
+
+    def fetch_args(self, ticket: tuple[int, int]) -> dict:
+        """Request arguments asking the device to send the ticket's sealed products back."""
+        return {} if self.mode == "fixed" else {"fetch": list(ticket)}
+
+    def products(self, name: str, ticket: tuple[int, int],
+                 fetched: torch.Tensor | None) -> torch.Tensor:
+        """g·W'ᵀ rows of the ticket (float64, (rows, out)); sealed ones are verified first."""
+        start, rows = ticket
+        if self.mode == "fixed":
+            return self.fixed_products[name].expand(rows, -1)
+        if fetched is None or fetched.dtype != torch.uint8 or fetched.dim() != 2 \
+                or fetched.shape[0] != rows:
+            raise IntegrityError(f"pad store: the device sent no sealed pad products for {name} "
+                                 f"rows {start}–{start + rows}")
+        self.cost.used_bytes += fetched.numel()
+        self.cost.crypto_bytes += fetched.numel()
+        raw = fetched.numpy()
+        out = bytearray()
+        for i in range(rows):
+            try:
+                out += self.aead.decrypt(self._nonce(name, start + i), raw[i].tobytes(), _AAD)
+            except InvalidTag:
+                raise IntegrityError(f"pad store: sealed pad product of {name} row {start + i} "
+                                     f"failed authentication (tampered, swapped or stale)") from None
+        return torch.frombuffer(out, dtype=torch.float64).view(rows, -1)
+
+    def nbytes(self) -> int:
+        """Enclave memory: two 32-byte keys, plus the rows themselves in `fixed` mode."""
+        return 64 + sum(t.nbytes for t in [*self.pads.values(), *self.fixed_products.values()])
