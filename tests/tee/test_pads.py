@@ -18,6 +18,11 @@ def test_pad_stream_is_deterministic_gaussian_and_keyed():
     assert not torch.equal(s.rows(2, 3, 0, 40, 97), whole)          # new epoch, new pads
     assert not torch.equal(s.rows(1, 4, 0, 40, 97), whole)          # per group
     assert not torch.equal(PadStream().rows(1, 3, 0, 40, 97), whole)  # per key
+    # a decode step's rows of every group in one pass are the same rows, group by group
+    import numpy as np
+    dims, starts = np.array([97, 576, 1536]), np.array([4, 0, 9])
+    for k, seg in enumerate(s.segments(1, np.array([3, 5, 8]), starts, 2, dims)):
+        assert torch.equal(seg, s.rows(1, [3, 5, 8][k], int(starts[k]), 2, int(dims[k])))
     big = s.rows(1, 0, 0, 200, 576)
     assert abs(float(big.mean())) < 0.02 and abs(float(big.std()) - 1) < 0.02
 

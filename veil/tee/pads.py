@@ -56,28 +56,47 @@ class PadCost:
 
 class PadStream:
     """Unit Gaussian pad rows from AES-CTR keystream: row i of group k is a pure function of
-    (key, epoch, k, i), so it is regenerated instead of stored."""
+    (key, epoch, k, i), so it is regenerated instead of stored. (CTR is computed as AES-ECB of
+    the counter blocks, with one long-lived cipher context: a new CTR context per row costs more
+    than the row.)"""
 
     def __init__(self) -> None:
         self.key = os.urandom(32)
+        self._ecb = Cipher(algorithms.AES(self.key), modes.ECB()).encryptor()
 
     @staticmethod
     def stride(dim: int) -> int:
         """16-byte counter blocks per row: two 32-bit words per pair of Gaussians."""
         return math.ceil(8 * ((dim + 1) // 2) / 16)
 
+    def segments(self, epoch: int, groups: np.ndarray, starts: np.ndarray, n: int,
+                 dims: np.ndarray) -> list[torch.Tensor]:
+        """Rows starts[j] … starts[j]+n−1 of group groups[j] (dims[j] wide), for every j, from one
+        keystream call and one Box–Muller pass (per-call overhead, not arithmetic, is what a
+        decode step's ~120 single rows would otherwise cost)."""
+        strides = (8 * ((dims + 1) // 2) + 15) // 16                   # = stride(dim), vectorised
+        nblocks = strides * n
+        seg = np.repeat(np.arange(len(groups)), nblocks)
+        first = np.cumsum(nblocks) - nblocks
+        blocks = np.empty((int(nblocks.sum()), 2), dtype=">u8")   # counter block: epoch|group|index
+        blocks[:, 0] = (np.int64(epoch) << 32) | groups[seg]
+        blocks[:, 1] = (starts * strides)[seg] + np.arange(len(seg)) - first[seg]
+        words = np.frombuffer(self._ecb.update(blocks.tobytes()), dtype=np.uint32)
+        # Box–Muller on 24-bit uniforms in float32 (exact there; numpy's float64 trig is ~4×
+        # slower), word pairs (2m, 2m+1) → values (2m, 2m+1); u1 in (0, 1): the log is finite
+        top = (words >> 8).astype(np.float32)
+        r = np.sqrt(np.float32(-2.0) * np.log((top[0::2] + np.float32(0.5)) * np.float32(2.0 ** -24)))
+        theta = top[1::2] * np.float32(2 * math.pi * 2.0 ** -24)
+        z = np.empty_like(top)
+        np.multiply(r, np.cos(theta), out=z[0::2])
+        np.multiply(r, np.sin(theta), out=z[1::2])
+        zt = torch.from_numpy(z)
+        bounds = zip((first * 4).tolist(), (strides * 4).tolist(), dims.tolist())
+        return [zt[a:a + n * w].view(n, w)[:, :d] for a, w, d in bounds]
+
     def rows(self, epoch: int, group: int, start: int, n: int, dim: int) -> torch.Tensor:
-        half = (dim + 1) // 2
-        stride = self.stride(dim)
-        iv = struct.pack(">IIQ", epoch, group, start * stride)
-        enc = Cipher(algorithms.AES(self.key), modes.CTR(iv)).encryptor()
-        words = np.frombuffer(enc.update(bytes(n * stride * 16)), dtype=np.uint32)
-        words = words.reshape(n, stride * 4)[:, :2 * half].astype(np.float64)
-        u1 = (words[:, :half] + 0.5) * (1.0 / 2 ** 32)     # in (0, 1): log is finite
-        u2 = words[:, half:] * (2 * math.pi / 2 ** 32)
-        r = np.sqrt(-2.0 * np.log(u1))
-        z = np.concatenate([r * np.cos(u2), r * np.sin(u2)], axis=1)[:, :dim]
-        return torch.from_numpy(z.astype(np.float32))
+        """Rows start … start+n−1 of one group (unit Gaussian, float32, (n, dim))."""
+        return self.segments(epoch, np.array([group]), np.array([start]), n, np.array([dim]))[0]
 
 
 class PadPool:
@@ -100,6 +119,9 @@ class PadPool:
         self.epoch = 0
         self.capacity = 0
         self.cursor = {g: 0 for g in groups}
+        self._ids = np.arange(len(groups), dtype=np.int64)
+        self._dims = np.array([self.in_dim[g] for g in groups], dtype=np.int64)
+        self._next: dict[str, tuple[int, torch.Tensor]] = {}  # one step's rows, made together
         self.pads: dict[str, torch.Tensor] = {}          # fixed mode only
         self.fixed_products: dict[str, torch.Tensor] = {}
         if mode == "fixed":
@@ -140,6 +162,7 @@ class PadPool:
         self.cost.rows += rows
         self.capacity = rows
         self.cursor = {g: 0 for g in self.groups}
+        self._next = {}
         self.cost.seconds += time.perf_counter() - t0
 
     def take(self, group: str, rows: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -152,8 +175,20 @@ class PadPool:
             start = 0
         self.cursor[group] = start + rows
         self.cost.crypto_bytes += rows * PadStream.stride(self.in_dim[group]) * 16
-        return self.stream.rows(self.epoch, self.group_index[group], start, rows, self.in_dim[group]), \
-            (start, rows)
+        made = self._next.pop(group, None)
+        if made is not None and made[0] == start and made[1].shape[0] == rows:
+            return made[1], (start, rows)
+        if rows > 4 or any(self.cursor[g] - (g == group) * rows + rows > self.capacity
+                           for g in self.groups):
+            # prefill: many rows of one group at a time (a step's worth for all groups is large)
+            return self.stream.rows(self.epoch, self.group_index[group], start, rows,
+                                    self.in_dim[group]), (start, rows)
+        # decode: the next `rows` rows of every group in one pass, kept until each is taken
+        starts = np.array([self.cursor[g] for g in self.groups], dtype=np.int64)
+        starts[self.group_index[group]] = start
+        made_all = self.stream.segments(self.epoch, self._ids, starts, rows, self._dims)
+        self._next = {g: (int(starts[i]), made_all[i]) for i, g in enumerate(self.groups) if g != group}
+        return made_all[self.group_index[group]], (start, rows)
 
     def fetch_args(self, ticket: tuple[int, int]) -> dict:
         """Request arguments asking the device to send the ticket's sealed products back."""
@@ -172,14 +207,17 @@ class PadPool:
         self.cost.used_bytes += fetched.numel()
         self.cost.crypto_bytes += fetched.numel()
         raw = fetched.numpy()
-        out = bytearray()
-        for i in range(rows):
-            try:
-                out += self.aead.decrypt(self._nonce(name, start + i), raw[i].tobytes(), _AAD)
-            except InvalidTag:
-                raise IntegrityError(f"pad store: sealed pad product of {name} row {start + i} "
-                                     f"failed authentication (tampered, swapped or stale)") from None
-        return torch.frombuffer(out, dtype=torch.float64).view(rows, -1)
+        try:
+            if rows == 1:      # decode: one row, no joining
+                plain = self.aead.decrypt(self._nonce(name, start), raw[0].tobytes(), _AAD)
+            else:
+                plain = b"".join(self.aead.decrypt(self._nonce(name, start + i), raw[i].tobytes(), _AAD)
+                                 for i in range(rows))
+        except InvalidTag:
+            raise IntegrityError(f"pad store: a sealed pad product of {name} (rows {start}–"
+                                 f"{start + rows - 1}) failed authentication (tampered, swapped "
+                                 f"or stale)") from None
+        return torch.frombuffer(bytearray(plain), dtype=torch.float64).view(rows, -1)
 
     def nbytes(self) -> int:
         """Enclave memory: two 32-byte keys, plus the rows themselves in `fixed` mode."""
