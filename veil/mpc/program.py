@@ -1,0 +1,77 @@
+"""The private-generation step as one pure jax function: what SPU compiles and the parties run.
+
+    step(params, onehot, k, v, start, positions[, key_valid]) → (next_onehot, logits, k', v')
+
+`params` (the owner's weights, by canonical name), `onehot` (the client's tokens, or the previous
+step's secret argmax) and the caches are secret under MPC; `start`, `positions` and `key_valid` are
+public (where the step sits, which slots are padding). The step runs the one forward
+(veil/model/forward.py) through `JaxOps`, takes the last position's logits and the greedy token —
+argmax and one-hot stay inside the function, so the next step's input never leaves MPC: vanilla
+private generation as MERGE's baseline describes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from veil.model.config import ModelConfig
+from veil.model.forward import forward
+from veil.model.weights import Weights
+from veil.mpc.jax_ops import JaxCache, JaxOps
+from veil.ops import Step, check_support
+
+
+def params_of(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
+    """The owner's weights as float32 numpy arrays (the MPC input of party 0)."""
+    return {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in weights.items()}
+
+
+def one_hot(ids: Any, vocab: int) -> np.ndarray:
+    """(B, T) token ids → (B, T, V) float32 one-hot (the client's input)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.zeros((*ids.shape, vocab), dtype=np.float32)
+    np.put_along_axis(out, ids[..., None], 1.0, axis=-1)
+    return out
+
+
+def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps) -> Callable[..., tuple]:
+    """The step function for `cfg` (see the module docstring); `ops_cls` picks the executor's
+    hooks (plain jax, or SPU-friendly forms)."""
+    check_support(ops_cls(cfg, {}), cfg)
+
+    def step(params: dict[str, Any], onehot: Any, k: list[Any], v: list[Any], start: Any,
+             positions: Any, key_valid: Any = None) -> tuple:
+        ops = ops_cls(cfg, params)
+        cache = JaxCache(list(k), list(v))
+        logits = forward(cfg, ops, onehot, Step(positions, key_valid, start), cache,
+                         last_only=True)[:, -1]                                  # (B, V)
+        token = jnp.argmax(logits, axis=-1)                                      # (B,)
+        nxt = (jnp.arange(cfg.vocab_size)[None, :] == token[:, None]).astype(onehot.dtype)
+        return nxt[:, None, :], logits, cache.k, cache.v
+    return step
+
+
+def generate_plaintext(cfg: ModelConfig, weights: Weights, prompt: list[int], max_new_tokens: int,
+                       capacity: int | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy generation through the jitted step in plaintext jax (the reference the MPC runs
+    are checked against, and a check of `JaxOps` itself): (token ids, logits per step)."""
+    capacity = capacity or len(prompt) + max_new_tokens
+    step = jax.jit(make_step(cfg))
+    params = params_of(cfg, weights)
+    cache = JaxCache.zeros(cfg, 1, capacity)
+    k, v = cache.k, cache.v
+    onehot = one_hot([prompt], cfg.vocab_size)
+    positions = np.arange(len(prompt))[None]
+    tokens, logits_seen = [], []
+    start = 0
+    for _ in range(max_new_tokens):
+        nxt, logits, k, v = step(params, onehot, k, v, np.int32(start), positions)
+        tokens.append(int(np.argmax(np.asarray(nxt)[0, 0])))
+        logits_seen.append(np.asarray(logits))
+        start += positions.shape[1]
+        onehot, positions = nxt, np.array([[start]])
+    return tokens, logits_seen

@@ -1,0 +1,293 @@
+"""Private generation on SecretFlow SPU: the compiled step, and the party loop that runs it.
+
+Parties: rank 0 is the model owner (supplies the weights), rank 1 the client (supplies its
+tokens, and is the only one to learn the generated ones); ABY3 adds a third computing party.
+Every party compiles the step itself from the public model config (a party never runs a program
+a peer sent it), secret-shares its own input, and sends each peer that peer's share over the
+link. Between steps the KV cache and the next token's one-hot never leave the runtime: each
+step's outputs are re-bound as the next step's inputs, still shared. After each step the owner
+(and the helper party) send the client their shares of the token id — the only value revealed.
+
+The same `party` function runs in threads over SPU's in-memory link (the simulator, for tests)
+and in one OS process per party over TCP (veil/mpc/cluster.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from veil.errors import ConfigError, ProtocolAbort
+from veil.model.config import ModelConfig
+from veil.mpc.jax_ops import JaxOps
+from veil.mpc.program import make_step
+
+PROTOCOLS = {"semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2), "aby3": ("ABY3", 3)}
+FIELDS = {"fm64": "FM64", "fm128": "FM128"}
+OWNER, CLIENT = 0, 1
+
+
+class SpuOps(JaxOps):
+    """JaxOps with MPC-safe forms: SPU's exp is a Taylor approximation that turns to garbage far
+    below zero (exp(−1000) ≈ 3e7), so masked scores are a moderate −64 and the shifted scores are
+    clamped at −32 before the exponential (exp(−32) ≈ 1e−14, far below the fixed-point step)."""
+
+    name = "spu"
+    mask_fill = -64.0
+
+    def softmax(self, scores: Any) -> Any:
+        shifted = scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        e = jnp.exp(jnp.maximum(shifted, -32.0))
+        return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class MpcConfig:
+    """Protocol and fixed-point settings (SPU's RuntimeConfig, named as users know them)."""
+
+    protocol: str = "semi2k"
+    field: str = "fm64"
+    fxp_bits: int = 18
+    exp_iters: int = 0          # 0 = SPU's default Taylor iterations
+    profile: bool = False       # SPU's per-op time and traffic (rank 0's log)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"mpc: protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
+        if self.field not in FIELDS:
+            raise ConfigError(f"mpc: field must be one of {sorted(FIELDS)}, got {self.field!r}")
+        limit = 62 if self.field == "fm128" else 30
+        if not 8 <= self.fxp_bits <= limit:
+            raise ConfigError(f"mpc: fxp_bits must be in [8, {limit}] for {self.field}, got {self.fxp_bits}")
+
+    @property
+    def world(self) -> int:
+        return PROTOCOLS[self.protocol][1]
+
+    def runtime_config(self):
+        import spu.libspu as libspu
+
+        rc = libspu.RuntimeConfig(protocol=getattr(libspu.ProtocolKind, PROTOCOLS[self.protocol][0]),
+                                  field=getattr(libspu.FieldType, FIELDS[self.field]),
+                                  fxp_fraction_bits=self.fxp_bits)
+        if self.exp_iters:
+            rc.fxp_exp_iters = self.exp_iters
+        rc.enable_pphlo_profile = rc.enable_hal_profile = self.profile
+        return rc
+
+
+class StepProgram:
+    """The step compiled by SPU for one input shape (batch, new tokens, cache capacity).
+
+    Inputs, in order: the weights ("p:<name>", sorted), the one-hot input "x", caches "k<i>",
+    "v<i>" (all secret), then "start" and "pos" (public). Outputs: "nx" (next one-hot, secret),
+    "tok" (token id, revealed to the client only), "logits", caches "ko<i>", "vo<i>"."""
+
+    def __init__(self, cfg: ModelConfig, mc: MpcConfig, param_shapes: dict[str, tuple[int, ...]],
+                 batch: int, t_new: int, capacity: int) -> None:
+        import spu.libspu as libspu
+        import spu.utils.frontend as spu_fe
+
+        self.cfg, self.param_names = cfg, sorted(param_shapes)
+        L = cfg.n_layers
+        step = make_step(cfg, SpuOps)
+        n_p = len(self.param_names)
+
+        def flat_step(*flat: Any) -> tuple:
+            params = dict(zip(self.param_names, flat[:n_p]))
+            x = flat[n_p]
+            k, v = list(flat[n_p + 1:n_p + 1 + L]), list(flat[n_p + 1 + L:n_p + 1 + 2 * L])
+            start, pos = flat[n_p + 1 + 2 * L], flat[n_p + 2 + 2 * L]
+            nxt, logits, k2, v2 = step(params, x, k, v, start, pos)
+            tok = jnp.argmax(nxt[:, 0], axis=-1).astype(jnp.int32)
+            return (nxt, tok, logits, *k2, *v2)
+
+        f32 = jnp.float32
+        cache = jax.ShapeDtypeStruct((batch, cfg.n_kv_heads, capacity, cfg.head_dim), f32)
+        specs = ([jax.ShapeDtypeStruct(param_shapes[n], f32) for n in self.param_names]
+                 + [jax.ShapeDtypeStruct((batch, t_new, cfg.vocab_size), f32)]
+                 + [cache] * (2 * L)
+                 + [jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((batch, t_new), jnp.int32)])
+        self.input_names = ([f"p:{n}" for n in self.param_names] + ["x"]
+                            + [f"k{i}" for i in range(L)] + [f"v{i}" for i in range(L)] + ["start", "pos"])
+        secret, public = libspu.Visibility.VIS_SECRET, libspu.Visibility.VIS_PUBLIC
+        vis = [secret] * (n_p + 1 + 2 * L) + [public, public]
+        self.output_names = (["nx", "tok", "logits"] + [f"ko{i}" for i in range(L)]
+                             + [f"vo{i}" for i in range(L)])
+        self.executable, _ = spu_fe.compile(spu_fe.Kind.JAX, flat_step, tuple(specs), {},
+                                            self.input_names, vis, lambda outs: self.output_names)
+
+
+# ---- shares over the link: raw bytes with a length-prefixed layout (never pickle) ------------
+
+def pack_share(share: Any) -> bytes:
+    chunks = [bytes(c) for c in share.share_chunks]
+    meta = bytes(share.meta)
+    return b"".join([struct.pack("<II", len(meta), len(chunks)), meta,
+                     *(struct.pack("<Q", len(c)) + c for c in chunks)])
+
+
+def unpack_share(blob: bytes, what: str) -> Any:
+    import spu.libspu as libspu
+
+    try:
+        n_meta, n_chunks = struct.unpack_from("<II", blob, 0)
+        off = 8
+        meta = blob[off:off + n_meta]
+        off += n_meta
+        chunks = []
+        for _ in range(n_chunks):
+            (n,) = struct.unpack_from("<Q", blob, off)
+            off += 8
+            if off + n > len(blob):
+                raise ValueError("chunk past the end")
+            chunks.append(blob[off:off + n])
+            off += n
+        if off != len(blob) or len(meta) != n_meta:
+            raise ValueError("length mismatch")
+    except (struct.error, ValueError) as exc:
+        raise ProtocolAbort(f"malformed share for {what} from a peer ({exc})") from None
+    share = libspu.Share()
+    share.meta, share.share_chunks = meta, chunks
+    return share
+
+
+@dataclass
+class PartyResult:
+    tokens: list[int]            # the client's view (empty for other parties)
+    logits: list[np.ndarray]     # only with reveal_logits (tests: compare with plain)
+
+
+def party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens: int, capacity: int,
+          param_shapes: dict[str, tuple[int, ...]], params: dict[str, np.ndarray] | None = None,
+          prompt: list[int] | None = None, reveal_logits: bool = False,
+          on_token: Callable[[int], None] | None = None) -> PartyResult:
+    """One party's whole generation (see the module docstring). `params` only on the owner,
+    `prompt` only on the client; `prompt_len` must be public, so every party gets the prompt's
+    length via the client's first message."""
+    import spu.api as spu_api
+    import spu.libspu as libspu
+
+    world = mc.world
+    rc = mc.runtime_config()
+    if rank != OWNER:
+        rc.enable_pphlo_profile = rc.enable_hal_profile = False
+    io = spu_api.Io(world, rc)
+    rt = spu_api.Runtime(lctx, rc)
+
+    # the prompt's length is public (it fixes the program's shape); its tokens are not
+    if rank == CLIENT:
+        assert prompt is not None
+        for r in range(world):
+            if r != CLIENT:
+                lctx.send(r, struct.pack("<I", len(prompt)))
+        n_prompt = len(prompt)
+    else:
+        raw = lctx.recv(CLIENT)
+        if len(raw) != 4:
+            raise ProtocolAbort("malformed prompt length from the client")
+        (n_prompt,) = struct.unpack("<I", raw)
+    if n_prompt < 1 or n_prompt + max_new_tokens > capacity + 1 or n_prompt > cfg.max_seq_len:
+        raise ProtocolAbort(f"prompt of {n_prompt} tokens does not fit a capacity of {capacity}")
+
+    prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity)
+    decode = StepProgram(cfg, mc, param_shapes, 1, 1, capacity) if max_new_tokens > 1 else None
+
+    def share_input(name: str, value: np.ndarray | None, owner: int) -> None:
+        """`owner` splits `value` and sends each peer its share; everyone binds theirs."""
+        if rank == owner:
+            assert value is not None
+            shares = io.make_shares(value, libspu.Visibility.VIS_SECRET, owner)
+            for r in range(world):
+                if r != rank:
+                    lctx.send(r, pack_share(shares[r]))
+            rt.set_var(name, shares[rank])
+        else:
+            rt.set_var(name, unpack_share(lctx.recv(owner), name))
+
+    def public(name: str, value: np.ndarray) -> None:
+        rt.set_var(name, io.make_shares(value, libspu.Visibility.VIS_PUBLIC)[rank])
+
+    for n in sorted(param_shapes):
+        share_input(f"p:{n}", None if params is None else np.asarray(params[n], np.float32), OWNER)
+    from veil.mpc.program import one_hot
+
+    share_input("x", one_hot([prompt], cfg.vocab_size) if rank == CLIENT else None, CLIENT)
+    zeros = np.zeros((1, cfg.n_kv_heads, capacity, cfg.head_dim), np.float32)
+    for i in range(cfg.n_layers):          # an empty cache is public knowledge
+        public(f"k{i}", zeros)
+        public(f"v{i}", zeros)
+
+    tokens, logits_seen = [], []
+    start, t_new = 0, n_prompt
+    for step_i in range(max_new_tokens):
+        prog = prefill if step_i == 0 else decode
+        assert prog is not None
+        public("start", np.array(start, np.int32))
+        public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
+        rt.run(prog.executable)
+        # the cache and the next one-hot stay shared: re-bind them as the next step's inputs
+        for i in range(cfg.n_layers):
+            rt.set_var(f"k{i}", rt.get_var(f"ko{i}"))
+            rt.set_var(f"v{i}", rt.get_var(f"vo{i}"))
+        rt.set_var("x", rt.get_var("nx"))
+        reveal = ["tok"] + (["logits"] if reveal_logits else [])
+        for name in reveal:
+            mine = rt.get_var(name)
+            if rank != CLIENT:
+                lctx.send(CLIENT, pack_share(mine))
+            else:
+                shares = [mine if r == CLIENT else unpack_share(lctx.recv(r), name) for r in range(world)]
+                value = np.asarray(io.reconstruct(shares))
+                if name == "tok":
+                    tok = int(value.reshape(-1)[0])
+                    if not 0 <= tok < cfg.vocab_size:
+                        raise ProtocolAbort(f"revealed token {tok} outside the vocabulary")
+                    tokens.append(tok)
+                    if on_token is not None:
+                        on_token(tok)
+                else:
+                    logits_seen.append(value)
+        start += t_new
+        t_new = 1
+    return PartyResult(tokens, logits_seen)
+
+
+def simulate(cfg: ModelConfig, params: dict[str, np.ndarray], prompt: list[int], max_new_tokens: int,
+             mc: MpcConfig = MpcConfig(), capacity: int | None = None,
+             reveal_logits: bool = False) -> PartyResult:
+    """All parties as threads over SPU's in-memory link (tests); returns the client's result."""
+    import threading
+
+    import spu.libspu as libspu
+
+    capacity = capacity or len(prompt) + max_new_tokens
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    desc = libspu.link.Desc()
+    for r in range(mc.world):
+        desc.add_party(f"party{r}", f"thread_{r}")
+    results: dict[int, Any] = {}
+
+    def run(rank: int) -> None:
+        try:
+            lctx = libspu.link.create_mem(desc, rank)
+            results[rank] = party(rank, lctx, cfg, mc, max_new_tokens, capacity, shapes,
+                                  params if rank == OWNER else None,
+                                  prompt if rank == CLIENT else None, reveal_logits)
+        except BaseException as exc:       # noqa: BLE001 — re-raised in the caller's thread
+            results[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(mc.world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in range(mc.world):
+        if isinstance(results.get(r), BaseException):
+            raise results[r]
+    return results[CLIENT]
