@@ -78,8 +78,10 @@ def test_placement_matches_the_device_view():
     loro.generate([1, 2, 3], max_new_tokens=3)
     view = loro.device_view()
     held = {row.op for row in placement("loro") if row.device_holds != "—"}
-    assert held == {"embedding lookup", "q/k/v, o, gate/up, down", "attention", "LM head"}
+    assert held == {"embedding lookup", "q/k/v, o, gate/up, down", "attention", "LM head",
+                    "pad products g·W'ᵀ (made offline)"}
     assert {"kv_cache.k", "kv_cache.v", "embed.weight"} <= set(view.resident)
+    assert any(k.startswith("pads.") for k in view.resident)
     ops_received = {name.split(":")[0] for name, _ in view.received}
     assert ops_received == {"linear", "attention", "rows"}  # rows: token ids and positions
 
