@@ -5,6 +5,8 @@ A scheme is a function (cfg, weights, options) → Ops; `SCHEMES` is the table l
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -55,8 +57,14 @@ def _baseline(scheme: str) -> SchemeBuilder:
     return build
 
 
+def _mpc(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
+    from veil.mpc.backend import MpcOps
+
+    return MpcOps(cfg, weights, options)  # type: ignore[return-value]
+
+
 SCHEMES: dict[str, SchemeBuilder] = {
-    "plain": _plain, "loro": _loro, "shielded": _shielded,
+    "plain": _plain, "loro": _loro, "shielded": _shielded, "mpc": _mpc,
     **{s: _baseline(s) for s in ("tlg", "soter", "nnsplitter", "shadownet")},
 }
 
@@ -164,9 +172,10 @@ class Model:
         streamer = _TextStream(self.decode, stream, s.stop) if stream is not None else None
         counters = getattr(self.ops, "cost_counters", None)
         before = counters() if counters is not None else {}
-        rows, trace = generate_ids(self.cfg, self.ops, ids, s,
-                                   stop_check=stop_check if s.stop else None,
-                                   on_token=streamer.push if streamer is not None else None)
+        # a protocol that runs the whole generation itself (MPC) instead of the step loop
+        run = getattr(self.ops, "private_generate", None) or functools.partial(generate_ids, self.cfg, self.ops)
+        rows, trace = run(ids, s, stop_check=stop_check if s.stop else None,
+                          on_token=streamer.push if streamer is not None else None)
         after = counters() if counters is not None else {}
         # running totals → this generation's share; the device's resident bytes are a level
         split = {k: after[k] - (0 if k == "device_weight_bytes" else before.get(k, 0)) for k in after}
@@ -219,6 +228,15 @@ class OpenedModel:
     source: str
 
 
+def open_public(model: str | Path) -> tuple[ModelConfig, Tokenizer | None]:
+    """A model's public parts — architecture and tokenizer — without its weights (what an MPC
+    client or helper party needs)."""
+    where = zoo.resolve(model)
+    if isinstance(where, str):
+        return zoo.preset(where), None
+    return load_config(where), (Tokenizer(where) if Tokenizer.present(where) else None)
+
+
 def open_model(model: str | Path) -> OpenedModel:
     """Resolve and read a model (`"default"`, a tiny preset, an HF folder or a .gguf)."""
     where = zoo.resolve(model)
@@ -240,6 +258,8 @@ def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -
     if scheme not in SCHEMES:
         raise UnsupportedError(f"unknown scheme {scheme!r} (available: {', '.join(SCHEMES)})")
     opened = open_model(model)
+    if scheme == "mpc":      # local party processes open the model by the same name
+        options = {"model": str(model), **options}
     ops = SCHEMES[scheme](opened.cfg, opened.weights, dict(options))
     check_support(ops, opened.cfg)
     return Model(opened.cfg, ops, scheme, opened.tokenizer, opened.source)

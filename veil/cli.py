@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="veil: open LLMs run privately on hardware or parties you do not trust.")
 eval_app = typer.Typer(no_args_is_help=True, help="Quality of a model on held-out text.")
 app.add_typer(eval_app, name="eval")
+mpc_app = typer.Typer(no_args_is_help=True, help="Multi-party private generation (SPU).")
+app.add_typer(mpc_app, name="mpc")
 out = Console()
 err = Console(stderr=True)
 
@@ -210,5 +212,52 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
         out.print(f"wrote {p}", highlight=False)
 
 
+@mpc_app.command("party")
+def mpc_party(cluster: str = typer.Option(..., help="cluster description (JSON)"),
+              rank: int = typer.Option(..., help="0 model owner, 1 client, 2 helper (ABY3)"),
+              model: str = typer.Option("default", help="the owner's model; the others read only "
+                                                    "its public config and tokenizer"),
+              max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n",
+                                                 help="client: tokens to generate; others: the most they serve"),
+              prompt: Optional[str] = typer.Option(None, help="client: the prompt text"),
+              prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids",
+                                                       help="client: the prompt as token ids, e.g. 1,5,9")) -> None:
+    """Run one party of a private generation. The client prints `token <id>` lines, then the
+    text; every party prints `done` and exits 0 — or a one-line error and exits 2."""
+    import os
+    from pathlib import Path
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        from veil.api import open_public
+        from veil.mpc.cluster import Cluster, run_party
+
+        c = Cluster.load(Path(cluster))
+        ids = None
+        if prompt_ids is not None:
+            try:
+                ids = [int(t) for t in prompt_ids.replace(",", " ").split()]
+            except ValueError:
+                raise VeilError(f"--prompt-ids must be integers, got {prompt_ids!r}") from None
+        elif prompt is not None:
+            tok = open_public(model)[1]
+            if tok is None:
+                raise VeilError(f"{model} has no tokenizer: pass --prompt-ids")
+            ids = tok.encode(prompt)
+        run_party(c, rank, model, max_new_tokens, ids, emit)
+    except VeilError as exc:
+        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        sys.stderr.flush()
+        os._exit(2)      # SPU's link threads must not keep a failed party alive
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
+
+
+if __name__ == "__main__":  # `python -m veil.cli` (how the MPC launcher starts its parties)
+    main()

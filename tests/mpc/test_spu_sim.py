@@ -33,3 +33,19 @@ def test_bad_settings():
         MpcConfig(protocol="gmw")
     with pytest.raises(ConfigError, match="fxp_bits"):
         MpcConfig(fxp_bits=40)
+
+
+@pytest.mark.parametrize("parties", ["sim", "local"])
+def test_scheme_mpc_through_the_api(parties):
+    plain = veil.load("tiny-gpt2")
+    m = veil.load("tiny-gpt2", scheme="mpc", parties=parties, timeout_s=30)
+    seen = []
+    r = m.generate([5, 6, 7, 8], max_new_tokens=5, stream=None, ignore_eos=True)
+    assert r.token_ids == plain.generate([5, 6, 7, 8], max_new_tokens=5, ignore_eos=True).token_ids
+    assert r.cost.scheme == "mpc" and r.cost.prefill_s > 0 and r.cost.decode_s > 0
+    with pytest.raises(veil.UnsupportedError, match="greedily"):
+        m.generate([5, 6], max_new_tokens=2, temperature=0.7)
+    with pytest.raises(veil.UnsupportedError, match="one prompt"):
+        m.generate([[5, 6], [7, 8]], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="parties"):
+        veil.load("tiny-gpt2", scheme="mpc", parties="cloud")

@@ -15,6 +15,7 @@ and in one OS process per party over TCP (veil/mpc/cluster.py).
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -161,15 +162,42 @@ def unpack_share(blob: bytes, what: str) -> Any:
 class PartyResult:
     tokens: list[int]            # the client's view (empty for other parties)
     logits: list[np.ndarray]     # only with reveal_logits (tests: compare with plain)
+    step_s: list[float]          # wall time of each step (run + reveal), this party's clock
+    compile_s: float = 0.0       # compiling the step programs (once per shape)
 
 
-def party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens: int, capacity: int,
+def spu_error(exc: BaseException) -> str:
+    """The meaningful line of an SPU/yacl error ("what: \n [file:line] Get data timeout, …")."""
+    import re
+
+    for line in str(exc).splitlines():
+        m = re.search(r"\]\s*(\S.*)", line)
+        if m:
+            return m.group(1)[:300]
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and ln.strip() != "what:"]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens: int,
+          capacity: int | None,
           param_shapes: dict[str, tuple[int, ...]], params: dict[str, np.ndarray] | None = None,
           prompt: list[int] | None = None, reveal_logits: bool = False,
-          on_token: Callable[[int], None] | None = None) -> PartyResult:
+          on_token: Callable[[int, float], None] | None = None) -> PartyResult:
     """One party's whole generation (see the module docstring). `params` only on the owner,
-    `prompt` only on the client; `prompt_len` must be public, so every party gets the prompt's
-    length via the client's first message."""
+    `prompt` only on the client, which first tells the others the (public) prompt length and
+    token count; `capacity` defaults to their sum. SPU's link and runtime failures (a peer gone
+    or stalled past the link's timeout) surface as `ProtocolAbort`."""
+    try:
+        return _party(rank, lctx, cfg, mc, max_new_tokens, capacity, param_shapes, params, prompt,
+                      reveal_logits, on_token)
+    except RuntimeError as exc:
+        raise ProtocolAbort(f"party {rank}: the protocol failed: {spu_error(exc)}") from None
+
+
+def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens: int,
+           capacity: int | None, param_shapes: dict[str, tuple[int, ...]],
+           params: dict[str, np.ndarray] | None, prompt: list[int] | None, reveal_logits: bool,
+           on_token: Callable[[int, float], None] | None) -> PartyResult:
     import spu.api as spu_api
     import spu.libspu as libspu
 
@@ -180,23 +208,32 @@ def party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens:
     io = spu_api.Io(world, rc)
     rt = spu_api.Runtime(lctx, rc)
 
-    # the prompt's length is public (it fixes the program's shape); its tokens are not
+    # the prompt's length and the number of new tokens are public (they fix the programs'
+    # shapes); the client asks, the others accept up to their own `max_new_tokens`
     if rank == CLIENT:
         assert prompt is not None
+        n_prompt, n_new = len(prompt), max_new_tokens
         for r in range(world):
             if r != CLIENT:
-                lctx.send(r, struct.pack("<I", len(prompt)))
-        n_prompt = len(prompt)
+                lctx.send(r, struct.pack("<II", n_prompt, n_new))
     else:
         raw = lctx.recv(CLIENT)
-        if len(raw) != 4:
-            raise ProtocolAbort("malformed prompt length from the client")
-        (n_prompt,) = struct.unpack("<I", raw)
-    if n_prompt < 1 or n_prompt + max_new_tokens > capacity + 1 or n_prompt > cfg.max_seq_len:
-        raise ProtocolAbort(f"prompt of {n_prompt} tokens does not fit a capacity of {capacity}")
+        if len(raw) != 8:
+            raise ProtocolAbort("malformed request from the client (prompt length, new tokens)")
+        n_prompt, n_new = struct.unpack("<II", raw)
+        if n_new > max_new_tokens:
+            raise ProtocolAbort(f"the client asks for {n_new} new tokens, more than the "
+                                f"{max_new_tokens} this party allows")
+    capacity = capacity or n_prompt + n_new
+    if n_prompt < 1 or n_new < 1 or n_prompt + n_new > capacity or n_prompt + n_new > cfg.max_seq_len:
+        raise ProtocolAbort(f"a prompt of {n_prompt} tokens plus {n_new} new ones does not fit "
+                            f"(capacity {capacity}, model maximum {cfg.max_seq_len})")
+    max_new_tokens = n_new
 
+    t0 = time.perf_counter()
     prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity)
     decode = StepProgram(cfg, mc, param_shapes, 1, 1, capacity) if max_new_tokens > 1 else None
+    compile_s = time.perf_counter() - t0
 
     def share_input(name: str, value: np.ndarray | None, owner: int) -> None:
         """`owner` splits `value` and sends each peer its share; everyone binds theirs."""
@@ -223,11 +260,12 @@ def party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens:
         public(f"k{i}", zeros)
         public(f"v{i}", zeros)
 
-    tokens, logits_seen = [], []
+    tokens, logits_seen, step_s = [], [], []
     start, t_new = 0, n_prompt
     for step_i in range(max_new_tokens):
         prog = prefill if step_i == 0 else decode
         assert prog is not None
+        t_step = time.perf_counter()
         public("start", np.array(start, np.int32))
         public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
         rt.run(prog.executable)
@@ -249,13 +287,14 @@ def party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens:
                     if not 0 <= tok < cfg.vocab_size:
                         raise ProtocolAbort(f"revealed token {tok} outside the vocabulary")
                     tokens.append(tok)
-                    if on_token is not None:
-                        on_token(tok)
                 else:
                     logits_seen.append(value)
+        step_s.append(time.perf_counter() - t_step)
+        if rank == CLIENT and on_token is not None:
+            on_token(tokens[-1], step_s[-1])
         start += t_new
         t_new = 1
-    return PartyResult(tokens, logits_seen)
+    return PartyResult(tokens, logits_seen, step_s, compile_s)
 
 
 def simulate(cfg: ModelConfig, params: dict[str, np.ndarray], prompt: list[int], max_new_tokens: int,
@@ -271,6 +310,9 @@ def simulate(cfg: ModelConfig, params: dict[str, np.ndarray], prompt: list[int],
     desc = libspu.link.Desc()
     for r in range(mc.world):
         desc.add_party(f"party{r}", f"thread_{r}")
+    # parties in one process still wait on each other's compiling and input sharing, which for
+    # a real model takes minutes; the in-memory link only fails on a bug, so wait long
+    desc.recv_timeout_ms = 3_600_000
     results: dict[int, Any] = {}
 
     def run(rank: int) -> None:

@@ -1,0 +1,100 @@
+"""Parties as real OS processes over TCP: same tokens as plain; a peer that is missing, dies,
+stalls or sends garbage ends the others with a clear error within the timeout; bad cluster
+descriptions are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import veil
+from veil.errors import ConfigError, ProtocolAbort
+from veil.mpc.cluster import Cluster, _party_command, generate_local, local_cluster
+from veil.mpc.spu_runtime import MpcConfig, pack_share, unpack_share
+
+PROMPT = [3, 17, 99, 5, 42, 7]
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"protocol": "gmw", "parties": ["a:1", "b:2"]}, "protocol"),
+    ({"parties": ["a:1"]}, "exactly 2 party addresses"),
+    ({"protocol": "aby3", "parties": ["a:1", "b:2"]}, "exactly 3"),
+    ({"parties": ["a:1", "nope"]}, "host:port"),
+    ({"parties": ["a:1", "a:1"]}, "share an address"),
+    ({"parties": ["a:1", "b:2"], "colour": 1}, "unknown keys"),
+    ({"parties": ["a:1", "b:2"], "timeout_s": 0}, "timeout_s"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_cluster_descriptions(raw, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        Cluster.from_dict(raw)
+    path = tmp_path / "c.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not JSON"):
+        Cluster.load(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        Cluster.load(tmp_path / "missing.json")
+
+
+def test_garbage_share_is_refused():
+    with pytest.raises(ProtocolAbort, match="malformed share"):
+        unpack_share(b"\x05\x00\x00\x00garbage", "p:embed.weight")
+
+
+def test_parties_over_tcp_match_plain():
+    plain = veil.load("tiny-llama").generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids
+    seen = []
+    tokens, step_s = generate_local("tiny-llama", PROMPT, 4, MpcConfig(), timeout_s=20,
+                                    on_token=seen.append)
+    assert tokens == plain == seen and len(step_s) == 4 and all(t > 0 for t in step_s)
+
+
+def test_a_party_that_fails_to_start_is_named():
+    t0 = time.monotonic()
+    with pytest.raises(ProtocolAbort, match="MPC party \\d \\(\\w+\\) exited .*no-such-model"):
+        generate_local("no-such-model", PROMPT, 2, MpcConfig(), timeout_s=10)
+    assert time.monotonic() - t0 < 60
+
+
+_FAKE_OWNER = textwrap.dedent("""
+    import sys, time, spu.api as spu_api, spu.libspu as libspu
+    from veil.mpc.cluster import Cluster
+    c = Cluster.load(sys.argv[1]); mode = sys.argv[2]
+    lctx = libspu.link.create_brpc(c.link_desc(), 0)
+    rt = spu_api.Runtime(lctx, c.mpc.runtime_config())   # as a real party does
+    lctx.recv(1)                              # the client's request
+    if mode == "garbage":
+        lctx.send(1, b"\\x07\\x00garbage")   # not a share
+    elif mode == "die":
+        import os; os._exit(9)
+    time.sleep(600)                           # stall
+""")
+
+
+@pytest.mark.parametrize("mode, match", [("garbage", "malformed share"),
+                                         ("stall", "protocol failed|timeout"),
+                                         ("die", "protocol failed|timeout|exited")])
+def test_client_ends_cleanly_when_the_owner_misbehaves(mode, match, tmp_path):
+    cluster = local_cluster(MpcConfig(), timeout_s=5)
+    cfile = tmp_path / "cluster.json"
+    cfile.write_text(json.dumps(cluster.to_dict()))
+    owner = subprocess.Popen([sys.executable, "-c", _FAKE_OWNER, str(cfile), mode],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    try:
+        client = subprocess.run(_party_command(cfile, 1, "tiny-llama", 2, PROMPT),
+                                capture_output=True, text=True, timeout=90)
+    finally:
+        owner.kill()
+        owner.wait()
+    elapsed = time.monotonic() - t0
+    assert client.returncode != 0
+    if client.returncode == 2:                # our one-line error (else SPU ended the process)
+        assert "ProtocolAbort" in client.stderr and len(client.stderr.strip().splitlines()) >= 1
+        assert __import__("re").search(match, client.stderr), client.stderr[-500:]
+    assert elapsed < 60, elapsed
