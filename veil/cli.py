@@ -187,7 +187,8 @@ def explain(scheme: str = typer.Option("plain", "--scheme", "-s")) -> None:
     """Where each op of the forward runs under a scheme, and what the untrusted side sees."""
     from veil.placement import placement
 
-    t = Table("op", "runs on", "device receives", "device holds", "leaks", title=f"scheme {scheme}")
+    t = Table("op", "runs on", "untrusted side receives", "untrusted side holds", "leaks",
+              title=f"scheme {scheme} (untrusted side: the device, or for mpc each peer)")
     for p in placement(scheme):
         t.add_row(p.op, p.runs_on, p.device_receives, p.device_holds,
                   f"[bold red]{p.leaks}[/]" if p.leaks else "")

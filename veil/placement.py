@@ -68,6 +68,17 @@ PLACEMENTS: dict[str, list[Placement]] = {
                             "inputs in the clear; 99% of the weights exactly", False),
     "shadownet": _baseline("x with features permuted", "diag(s)·W[π_out][:, π_in]",
                            "weights up to scale and permutation: undone by MSP + rescaling", False),
+    # MPC: the "untrusted side" is each peer; what it receives is shares and opened masked values
+    "mpc": [
+        Placement("embedding (one-hot × table), forward, LM head, argmax", "all parties (shares)",
+                  "shares of the weights / the prompt; masked values opened by the protocol",
+                  "its shares of the weights and of the KV cache",
+                  "semi2k: rank 0 (the owner) is SPU's trusted dealer and could unmask everything — "
+                  "use cheetah or aby3 against a distrusting owner"),
+        Placement("shape of the run", "public", "prompt length, number of new tokens", "—",
+                  "the lengths (the output length is fixed by the client's request)"),
+        Placement("generated token ids", "client", "the other parties' shares of each token id", "—"),
+    ],
 }
 
 
