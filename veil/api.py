@@ -178,7 +178,8 @@ class Model:
                           on_token=streamer.push if streamer is not None else None)
         after = counters() if counters is not None else {}
         # running totals → this generation's share; the device's resident bytes are a level
-        split = {k: after[k] - (0 if k == "device_weight_bytes" else before.get(k, 0)) for k in after}
+        levels = ("device_weight_bytes", "device_store_bytes")
+        split = {k: after[k] - (0 if k in levels else before.get(k, 0)) for k in after}
         out = []
         for r, row in enumerate(rows):
             text = self.decode(row.token_ids)

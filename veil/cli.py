@@ -223,8 +223,9 @@ def mpc_party(cluster: str = typer.Option(..., help="cluster description (JSON)"
               prompt: Optional[str] = typer.Option(None, help="client: the prompt text"),
               prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids",
                                                        help="client: the prompt as token ids, e.g. 1,5,9")) -> None:
-    """Run one party of a private generation. The client prints `token <id>` lines, then the
-    text; every party prints `done` and exits 0 — or a one-line error and exits 2."""
+    """Run one party of a private generation. The client prints a `token <id> <step seconds>`
+    line per token; every party prints `done` and exits 0 — or a one-line error and exits 2
+    (1 for an unexpected failure)."""
     import os
     from pathlib import Path
 
@@ -237,6 +238,8 @@ def mpc_party(cluster: str = typer.Option(..., help="cluster description (JSON)"
 
         c = Cluster.load(Path(cluster))
         ids = None
+        if prompt_ids is not None and prompt is not None:
+            raise VeilError("give the prompt as --prompt or as --prompt-ids, not both")
         if prompt_ids is not None:
             try:
                 ids = [int(t) for t in prompt_ids.replace(",", " ").split()]
@@ -250,10 +253,16 @@ def mpc_party(cluster: str = typer.Option(..., help="cluster description (JSON)"
         run_party(c, rank, model, max_new_tokens, ids, emit)
     except VeilError as exc:
         err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
-        sys.stderr.flush()
-        os._exit(2)      # SPU's link threads must not keep a failed party alive
+        code = 2
+    except BaseException as exc:  # noqa: BLE001 — one line, and the process must end
+        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}", highlight=False,
+                  soft_wrap=True)
+        code = 1
+    else:
+        code = 0
     sys.stdout.flush()
-    os._exit(0)
+    sys.stderr.flush()
+    os._exit(code)      # SPU's link threads must not keep a party alive
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -59,6 +59,16 @@ def test_scheme_mpc_through_the_api(parties):
         m.generate([[5, 6], [7, 8]], max_new_tokens=2)
     with pytest.raises(ConfigError, match="parties"):
         veil.load("tiny-gpt2", scheme="mpc", parties="cloud")
+    with pytest.raises(veil.InputError):                     # ids outside the vocabulary
+        m.generate([5, -1], max_new_tokens=2)
+    with pytest.raises(veil.InputError):
+        m.generate([5, m.cfg.vocab_size], max_new_tokens=2)
+    with pytest.raises(veil.UnsupportedError, match="logits"):
+        m.logits([[1, 2]])
+    with pytest.warns(UserWarning, match="trusted dealer"):
+        veil.load("tiny-gpt2", scheme="mpc")
+    with pytest.raises(ConfigError, match="timeout_s"):
+        veil.load("tiny-gpt2", scheme="mpc", protocol="aby3", timeout_s="soon")
 
 
 @pytest.mark.parametrize("peak", [0.05, 3.0, 22552.0, 60000.0])

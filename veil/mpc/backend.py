@@ -12,11 +12,12 @@ the owner how long the answer is, so the client cuts at EOS / stop strings itsel
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 from veil.errors import ConfigError, UnsupportedError
 from veil.model.config import ModelConfig
-from veil.model.generate import GenerationTrace, RowResult, SamplingConfig
+from veil.model.generate import GenerationTrace, RowResult, SamplingConfig, check_prompts
 from veil.model.weights import Weights
 from veil.mpc.jax_ops import JaxOps
 from veil.mpc.spu_runtime import MpcConfig
@@ -37,7 +38,12 @@ class MpcOps:
             raise ConfigError(f"mpc: parties must be 'sim' or 'local', got {self.parties!r}")
         if self.parties == "local" and self.source is None:
             raise ConfigError("mpc: parties='local' needs the model's name (veil.load passes it)")
-        self.timeout_s = float(options.pop("timeout_s", 60.0))
+        try:
+            self.timeout_s = float(options.pop("timeout_s", 60.0))
+        except (TypeError, ValueError):
+            raise ConfigError("mpc: timeout_s must be a number of seconds") from None
+        if self.timeout_s <= 0:
+            raise ConfigError("mpc: timeout_s must be positive")
         keys = ("protocol", "field", "fxp_bits", "exp_iters")
         try:
             self.mc = MpcConfig(**{k: options.pop(k) for k in keys if k in options})
@@ -45,7 +51,15 @@ class MpcOps:
             raise ConfigError(f"mpc: {exc}") from None
         if options:
             raise ConfigError(f"mpc: unknown options {sorted(options)}")
+        if self.mc.protocol == "semi2k":
+            warnings.warn("mpc: SPU's semi2k makes rank 0 (the model owner) its trusted dealer, "
+                          "so it is not private against the owner; use protocol='cheetah' or "
+                          "'aby3' for that (docs/mpc.md)", stacklevel=3)
         self.last_compile_s = 0.0
+
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        raise UnsupportedError("mpc runs whole generations (Model.generate); per-call logits "
+                               "are not offered under MPC")
 
     def private_generate(self, prompts: Sequence[Sequence[int]], s: SamplingConfig,
                          stop_check: Callable[[int, list[int]], bool] | None = None,
@@ -56,6 +70,7 @@ class MpcOps:
         if not s.greedy:
             raise UnsupportedError("mpc generates greedily (the argmax runs inside MPC); "
                                    "sampling under MPC is not offered")
+        check_prompts(self.cfg, prompts)
         prompt = [int(t) for t in prompts[0]]
         if len(prompt) + s.max_new_tokens > self.cfg.max_seq_len:
             raise UnsupportedError(f"mpc: {len(prompt)} + {s.max_new_tokens} tokens exceed the "

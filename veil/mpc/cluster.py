@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -143,8 +144,11 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
         cfg, params = opened.cfg, params_of(opened.cfg, opened.weights)
     else:
         cfg, params = open_public(model)[0], None
+    if prompt is not None:
+        from veil.model.generate import check_prompts
+
+        check_prompts(cfg, [prompt])
     shapes = expected_shapes(cfg)
-    capacity = (len(prompt) if prompt is not None else cfg.max_seq_len) + max_new_tokens
     emit(f"linking {ROLES[rank]}")
     try:
         lctx = libspu.link.create_brpc(cluster.link_desc(), rank)
@@ -178,48 +182,61 @@ def generate_local(model: str, prompt: list[int], max_new_tokens: int, mc: MpcCo
     cfile = folder / "cluster.json"
     cfile.write_text(json.dumps(cluster.to_dict()))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs = []
+    procs: list[subprocess.Popen] = []
     logs = []
-    for rank in range(mc.world):
-        log = open(folder / f"party{rank}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen(_party_command(cfile, rank, model, max_new_tokens,
-                                                     prompt if rank == CLIENT else None),
-                                      stdout=subprocess.PIPE if rank == CLIENT else log,
-                                      stderr=log, env=env))
-    deadline = time.monotonic() + (wall_s or 120 + timeout_s * (4 + max_new_tokens))
+    budget = wall_s or 120 + timeout_s * (4 + max_new_tokens)
+    deadline = time.monotonic() + budget
     tokens: list[int] = []
     step_s: list[float] = []
+    buf = ""
+
+    def take(chunk: str) -> None:
+        nonlocal buf
+        buf += chunk
+        while "\n" in buf:
+            line, buf = buf.split("\n", 1)
+            if line.startswith("token "):
+                try:
+                    _, tok, sec = line.split()
+                    tokens.append(int(tok))
+                    step_s.append(float(sec))
+                except ValueError:
+                    raise ProtocolAbort(f"malformed line from the client: {line[:100]!r}") from None
+                if on_token is not None:
+                    on_token(tokens[-1])
+
     try:
+        for rank in range(mc.world):
+            log = open(folder / f"party{rank}.log", "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen(_party_command(cfile, rank, model, max_new_tokens,
+                                                         prompt if rank == CLIENT else None),
+                                          stdout=subprocess.PIPE if rank == CLIENT else log,
+                                          stderr=log, env=env))
         client = procs[CLIENT]
         assert client.stdout is not None
-        os.set_blocking(client.stdout.fileno(), False)
-        buf = ""
+        fd = client.stdout.fileno()
+        os.set_blocking(fd, False)
         while True:
             for rank, p in enumerate(procs):
                 code = p.poll()
                 if code not in (None, 0):
                     raise ProtocolAbort(f"MPC party {rank} ({ROLES[rank]}) exited with code {code}: "
-                                        f"{_last_line(folder / f'party{rank}.log')}")
+                                        f"{_last_line(folder / f'party{rank}.log')} (logs in {folder})")
+            exited = client.poll() == 0
             try:
-                chunk = os.read(client.stdout.fileno(), 1 << 16).decode("utf-8", "replace")
+                chunk = os.read(fd, 1 << 16)
             except BlockingIOError:
-                chunk = ""
-            buf += chunk
-            while "\n" in buf:
-                line, buf = buf.split("\n", 1)
-                if line.startswith("token "):
-                    _, tok, sec = line.split()
-                    tokens.append(int(tok))
-                    step_s.append(float(sec))
-                    if on_token is not None:
-                        on_token(tokens[-1])
-            if client.poll() == 0 and not chunk:
+                chunk = None
+            if chunk:
+                take(chunk.decode("utf-8", "replace"))
+            elif exited and chunk == b"":      # end of the client's output, all of it read
                 break
             if time.monotonic() > deadline:
-                raise ProtocolAbort(f"MPC generation did not finish within {deadline:.0f} s wall "
-                                    f"time ({len(tokens)} tokens so far)")
-            time.sleep(0.02)
+                raise ProtocolAbort(f"MPC generation did not finish within {budget:.0f} s "
+                                    f"({len(tokens)} tokens so far)")
+            if not chunk:
+                time.sleep(0.02)
         for rank, p in enumerate(procs):
             try:
                 code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -237,6 +254,8 @@ def generate_local(model: str, prompt: list[int], max_new_tokens: int, mc: MpcCo
             log.close()
     if len(tokens) != max_new_tokens:
         raise ProtocolAbort(f"the client reported {len(tokens)} of {max_new_tokens} tokens")
+    if workdir is None:
+        shutil.rmtree(folder, ignore_errors=True)      # logs are kept only when a run fails
     return tokens, step_s
 
 

@@ -64,8 +64,9 @@ class JaxOps:
             self.cos, self.sin = rope_tables_np(cfg)
 
     # ---- hooks an MPC backend may replace -------------------------------------------------
-    def softmax(self, scores: Any) -> Any:
-        return jax.nn.softmax(scores, axis=-1)
+    def softmax(self, scores: Any, allowed: Any) -> Any:
+        """Row softmax over the allowed (public mask) keys."""
+        return jax.nn.softmax(jnp.where(allowed, scores, self.mask_fill), axis=-1)
 
     def rsqrt(self, x: Any) -> Any:
         return jax.lax.rsqrt(x)
@@ -130,8 +131,8 @@ class JaxOps:
         S = keys.shape[2]
         qh = q.reshape(B, T, nkv, G, hd).transpose(0, 2, 3, 1, 4)             # (B, nkv, G, T, hd)
         scores = jnp.einsum("bkgtd,bksd->bkgts", qh, keys) * (1.0 / hd ** 0.5)
-        scores = jnp.where(self._allowed(step, T, S), scores, self.mask_fill)
-        out = jnp.einsum("bkgts,bksd->bkgtd", self.softmax(scores), values)   # (B, nkv, G, T, hd)
+        probs = self.softmax(scores, self._allowed(step, T, S))
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)                  # (B, nkv, G, T, hd)
         return out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.q_dim)
 
     @staticmethod

@@ -35,8 +35,9 @@ OWNER, CLIENT = 0, 1
 
 class SpuOps(JaxOps):
     """JaxOps with MPC-safe forms: SPU's exp is a Taylor approximation that turns to garbage far
-    below zero (exp(−1000) ≈ 3e7), so masked scores are a moderate −64 and the shifted scores are
-    clamped at −32 before the exponential (exp(−32) ≈ 1e−14, far below the fixed-point step)."""
+    below zero (exp(−1000) ≈ 3e7), so masked scores are a moderate −64 (and then zeroed by the
+    public mask) and the shifted scores are clamped at −32 before the exponential (exp(−32) ≈
+    1e−14, far below the fixed-point step)."""
 
     name = "spu"
     mask_fill = -64.0
@@ -58,9 +59,12 @@ class SpuOps(JaxOps):
                         jax.lax.rsqrt(m1)) * 2.0 ** -s
         return jnp.where(m1 < 1024.0, jax.lax.rsqrt(m0), big)
 
-    def softmax(self, scores: Any) -> Any:
-        shifted = scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-        e = jnp.exp(jnp.maximum(shifted, -32.0))
+    def softmax(self, scores: Any, allowed: Any) -> Any:
+        # masked keys: a moderate fill for the max, then multiplied out by the public mask, so
+        # even rows whose allowed scores all sit far below the fill get no weight on them
+        filled = jnp.where(allowed, scores, self.mask_fill)
+        shifted = filled - jax.lax.stop_gradient(jnp.max(filled, axis=-1, keepdims=True))
+        e = jnp.exp(jnp.maximum(shifted, -32.0)) * allowed.astype(scores.dtype)
         return e / jnp.sum(e, axis=-1, keepdims=True)
 
 

@@ -82,8 +82,9 @@ class PadStream:
         blocks[:, 0] = (np.int64(epoch) << 32) | groups[seg]
         blocks[:, 1] = (starts * strides)[seg] + np.arange(len(seg)) - first[seg]
         words = np.frombuffer(self._ecb.update(blocks.tobytes()), dtype=np.uint32)
-        # Box–Muller on 24-bit uniforms in float32 (exact there; numpy's float64 trig is ~4×
-        # slower), word pairs (2m, 2m+1) → values (2m, 2m+1); u1 in (0, 1): the log is finite
+        # Box–Muller on 24-bit uniforms in float32 (numpy's float64 trig is ~4× slower), word
+        # pairs (2m, 2m+1) → values (2m, 2m+1); u1 in (0, 1] (top + 0.5 may round up to 2^24
+        # for the largest words: then r = 0, finite), so the log is finite
         top = (words >> 8).astype(np.float32)
         r = np.sqrt(np.float32(-2.0) * np.log((top[0::2] + np.float32(0.5)) * np.float32(2.0 ** -24)))
         theta = top[1::2] * np.float32(2 * math.pi * 2.0 ** -24)
