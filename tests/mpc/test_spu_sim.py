@@ -71,11 +71,12 @@ def test_scheme_mpc_through_the_api(parties):
         veil.load("tiny-gpt2", scheme="mpc", protocol="aby3", timeout_s="soon")
 
 
-@pytest.mark.parametrize("peak", [0.05, 3.0, 22552.0, 60000.0])
+@pytest.mark.parametrize("peak", [0.05, 3.0, 60.0, 700.0, 22552.0, 60000.0])
 def test_norm_survives_massive_activations(peak):
     """SmolLM2's residual stream has entries ~22 000 from layer 11 on: a plain x² wraps the FM64
-    ring and SPU's rsqrt gives 0 past 2^18. SpuOps' norm stays within 0.2% from rows of ~0.05
-    to rows with a 60 000 entry."""
+    ring, SPU's rsqrt gives 0 past 2^18, and a 1/rms of 1e-3 has ~3 significant bits. SpuOps'
+    normalisation stays within 1e-3 of the row's largest output, from rows of ~0.05 to rows
+    with a 60 000 entry (five runs each: SEMI2K's truncation is randomised)."""
     import spu.libspu as libspu
     import spu.utils.simulation as spsim
 
@@ -85,10 +86,12 @@ def test_norm_survives_massive_activations(peak):
     ops = SpuOps(preset("tiny-llama"), {})
     x = (np.random.default_rng(0).normal(size=(1, 1, 576)) * 0.05).astype(np.float32)
     x[0, 0, 5] = peak
-    ref = 1 / np.sqrt(np.mean(x * x, -1) + ops.cfg.norm_eps)
+    ref = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + ops.cfg.norm_eps)
     sim = spsim.Simulator(2, MpcConfig().runtime_config())
-    got = np.asarray(spsim.sim_jax(sim, ops.inv_rms)(x)).reshape(ref.shape)
-    assert float(np.abs(got - ref).max() / ref.max()) < 2e-3
+    fn = spsim.sim_jax(sim, ops.normalize)
+    for _ in range(5):
+        got = np.asarray(fn(x)).reshape(ref.shape)
+        assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 1e-3
 
 
 @pytest.mark.default_model

@@ -84,16 +84,16 @@ class JaxOps:
     def pos_embed(self, positions: Any) -> Any:
         return jnp.take(self.w["pos_embed.weight"], positions, axis=0)        # public positions
 
-    def inv_rms(self, xc: Any) -> Any:
-        """1/√(mean(xc²) + eps) per row (B, T, 1)."""
-        return self.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    def normalize(self, xc: Any) -> Any:
+        """xc / √(mean(xc²) + eps) per row."""
+        return xc * self.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + self.cfg.norm_eps)
 
     def norm(self, x: Any, name: str) -> Any:
         w = self.w[f"{name}.weight"]
         if self.cfg.norm == "rms":
-            return x * self.inv_rms(x) * w
+            return self.normalize(x) * w
         xc = x - jnp.mean(x, axis=-1, keepdims=True)
-        return xc * self.inv_rms(xc) * w + self.w[f"{name}.bias"]
+        return self.normalize(xc) * w + self.w[f"{name}.bias"]
 
     def linear(self, x: Any, name: str) -> Any:
         y = x @ self.w[f"{name}.weight"].T

@@ -42,22 +42,27 @@ class SpuOps(JaxOps):
     name = "spu"
     mask_fill = -64.0
     # Norms see "massive activations" (SmolLM2: residual entries ~22 000, mean square ~9e5 from
-    # layer 11 on). In FM64 with 18 fractional bits a square wraps around the ring above
-    # |x| ≈ 11 600, and SPU's rsqrt returns 0 for inputs ≥ 2^18; scaling x down first fixes both
-    # but costs small rows their precision (rsqrt of a few ulps). So both are computed: the plain
-    # mean square, and that of x·2^−s (valid up to |x| ≈ 2^s·11 600); the scaled one decides,
-    # publicly bounded, whether any entry could have wrapped (m_s < 1024 ⇒ every |x| < 6 200),
-    # and a large one's rsqrt is range-reduced by 2^16.
+    # layer 11 on). In FM64 with 18 fractional bits a square wraps the ring above |x| ≈ 11 600,
+    # SPU's rsqrt returns 0 for inputs ≥ 2^18, and a small 1/rms (1e-3) keeps only ~3 significant
+    # bits. So the mean square is taken of x and of x·2^−3 (valid to |x| ≈ 60 000); the scaled
+    # one picks, by public thresholds, a regime in which rsqrt's input is range-reduced by a
+    # public power of 4 to where its result is ~0.1–4, and x is multiplied by that before the
+    # public power of 2 is applied. Regime edges are soft: both neighbours are valid there.
     norm_shift = 3
 
-    def inv_rms(self, xc: Any) -> Any:
+    def normalize(self, xc: Any) -> Any:
         s, eps = self.norm_shift, self.cfg.norm_eps
-        m0 = jnp.mean(xc * xc, axis=-1, keepdims=True) + eps
+        rs = jax.lax.rsqrt
+        m0 = jnp.mean(xc * xc, axis=-1, keepdims=True) + eps      # wraps if some |x| > 11 600
         xs = xc * (2.0 ** -s)
-        m1 = jnp.mean(xs * xs, axis=-1, keepdims=True) + eps * 4.0 ** -s
-        big = jnp.where(m1 >= 2.0 ** 16, jax.lax.rsqrt(m1 * 2.0 ** -16) * 2.0 ** -8,
-                        jax.lax.rsqrt(m1)) * 2.0 ** -s
-        return jnp.where(m1 < 1024.0, jax.lax.rsqrt(m0), big)
+        m1 = jnp.mean(xs * xs, axis=-1, keepdims=True) + eps * 4.0 ** -s   # = m0 / 64, no wrap
+        xu = xc * 16.0                                               # m0 < 16 ⇒ every |x| < 96
+        small = xu * rs(jnp.mean(xu * xu, axis=-1, keepdims=True) + eps * 256.0)
+        mid = (xc * rs(m0 * 2.0 ** -8)) * 2.0 ** -4                  # m0 in [16, 4096)
+        large = (xs * rs(m1 * 2.0 ** -8)) * 2.0 ** -4                # m0 in [4096, 2^20)
+        huge = (xs * rs(m1 * 2.0 ** -16)) * 2.0 ** -8                # m0 ≥ 2^20 (m1 < 2^34)
+        return jnp.where(m1 < 0.25, small,
+                         jnp.where(m1 < 64.0, mid, jnp.where(m1 < 2.0 ** 14, large, huge)))
 
     def softmax(self, scores: Any, allowed: Any) -> Any:
         # masked keys: a moderate fill for the max, then multiplied out by the public mask, so
