@@ -15,7 +15,7 @@ import pytest
 import veil
 from veil.errors import ConfigError, ProtocolAbort
 from veil.mpc.cluster import Cluster, _party_command, generate_local, local_cluster
-from veil.mpc.spu_runtime import MpcConfig, pack_share, unpack_share
+from veil.mpc.spu_runtime import MpcConfig, unpack_share
 
 PROMPT = [3, 17, 99, 5, 42, 7]
 

@@ -49,8 +49,7 @@ def test_bad_settings():
 def test_scheme_mpc_through_the_api(parties):
     plain = veil.load("tiny-gpt2")
     m = veil.load("tiny-gpt2", scheme="mpc", parties=parties, timeout_s=30)
-    seen = []
-    r = m.generate([5, 6, 7, 8], max_new_tokens=5, stream=None, ignore_eos=True)
+    r = m.generate([5, 6, 7, 8], max_new_tokens=5, ignore_eos=True)
     assert r.token_ids == plain.generate([5, 6, 7, 8], max_new_tokens=5, ignore_eos=True).token_ids
     assert r.cost.scheme == "mpc" and r.cost.prefill_s > 0 and r.cost.decode_s > 0
     with pytest.raises(veil.UnsupportedError, match="greedily"):
@@ -77,7 +76,6 @@ def test_norm_survives_massive_activations(peak):
     ring, SPU's rsqrt gives 0 past 2^18, and a 1/rms of 1e-3 has ~3 significant bits. SpuOps'
     normalisation stays within 1e-3 of the row's largest output, from rows of ~0.05 to rows
     with a 60 000 entry (five runs each: SEMI2K's truncation is randomised)."""
-    import spu.libspu as libspu
     import spu.utils.simulation as spsim
 
     from veil.model.zoo import preset

@@ -9,8 +9,8 @@ Token input is one-hot (B, T, V) — the client knows its own tokens, and under 
 secret ids is a one-hot product anyway; the embedding is `onehot @ E` (vanilla private generation,
 MERGE's Table 1 "embedding" row). Positions, `start` and the padding mask are public.
 
-Softmax, activations and norms go through overridable hooks (`softmax`, `act_fn`, `rsqrt`), so a
-backend can swap in MPC-friendly forms (SPU approximates exp/tanh/rsqrt itself; a masked score
+Softmax, activations and norms go through overridable methods (`softmax`, `activation`,
+`normalize`), so a backend can swap in MPC-friendly forms (SPU approximates exp/tanh/rsqrt itself; a masked score
 must stay a moderate negative number there, see `mask_fill`).
 """
 
@@ -68,15 +68,6 @@ class JaxOps:
         """Row softmax over the allowed (public mask) keys."""
         return jax.nn.softmax(jnp.where(allowed, scores, self.mask_fill), axis=-1)
 
-    def rsqrt(self, x: Any) -> Any:
-        return jax.lax.rsqrt(x)
-
-    def act_fn(self, x: Any) -> Any:
-        kind = self.cfg.activation
-        if kind == "silu":
-            return jax.nn.silu(x)
-        return jax.nn.gelu(x, approximate=kind == "gelu_tanh")
-
     # ---- Ops --------------------------------------------------------------------------------
     def embed(self, onehot: Any) -> Any:
         return onehot @ self.w["embed.weight"]                                # (B, T, d)
@@ -86,7 +77,7 @@ class JaxOps:
 
     def normalize(self, xc: Any) -> Any:
         """xc / √(mean(xc²) + eps) per row."""
-        return xc * self.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + self.cfg.norm_eps)
 
     def norm(self, x: Any, name: str) -> Any:
         w = self.w[f"{name}.weight"]
@@ -148,7 +139,10 @@ class JaxOps:
         return allowed[:, None, None]
 
     def activation(self, x: Any) -> Any:
-        return self.act_fn(x)
+        kind = self.cfg.activation
+        if kind == "silu":
+            return jax.nn.silu(x)
+        return jax.nn.gelu(x, approximate=kind == "gelu_tanh")
 
     def mul(self, a: Any, b: Any) -> Any:
         return a * b

@@ -1,6 +1,6 @@
 """The private-generation step as one pure jax function: what SPU compiles and the parties run.
 
-    step(params, onehot, k, v, start, positions[, key_valid]) → (next_onehot, logits, k', v')
+    step(params, onehot, k, v, start, positions[, key_valid]) → (next_onehot, token, logits, k', v')
 
 `params` (the owner's weights, by canonical name), `onehot` (the client's tokens, or the previous
 step's secret argmax) and the caches are secret under MPC; `start`, `positions` and `key_valid` are
@@ -51,7 +51,7 @@ def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps) -> Callable[...,
                          last_only=True)[:, -1]                                  # (B, V)
         token = jnp.argmax(logits, axis=-1)                                      # (B,)
         nxt = (jnp.arange(cfg.vocab_size)[None, :] == token[:, None]).astype(onehot.dtype)
-        return nxt[:, None, :], logits, cache.k, cache.v
+        return nxt[:, None, :], token.astype(jnp.int32), logits, cache.k, cache.v
     return step
 
 
@@ -69,8 +69,8 @@ def generate_plaintext(cfg: ModelConfig, weights: Weights, prompt: list[int], ma
     tokens, logits_seen = [], []
     start = 0
     for _ in range(max_new_tokens):
-        nxt, logits, k, v = step(params, onehot, k, v, np.int32(start), positions)
-        tokens.append(int(np.argmax(np.asarray(nxt)[0, 0])))
+        nxt, token, logits, k, v = step(params, onehot, k, v, np.int32(start), positions)
+        tokens.append(int(token[0]))
         logits_seen.append(np.asarray(logits))
         start += positions.shape[1]
         onehot, positions = nxt, np.array([[start]])

@@ -122,7 +122,7 @@ class StepProgram:
         import spu.libspu as libspu
         import spu.utils.frontend as spu_fe
 
-        self.cfg, self.param_names = cfg, sorted(param_shapes)
+        self.param_names = sorted(param_shapes)
         L = cfg.n_layers
         step = make_step(cfg, SpuOps)
         n_p = len(self.param_names)
@@ -132,8 +132,7 @@ class StepProgram:
             x = flat[n_p]
             k, v = list(flat[n_p + 1:n_p + 1 + L]), list(flat[n_p + 1 + L:n_p + 1 + 2 * L])
             start, pos = flat[n_p + 1 + 2 * L], flat[n_p + 2 + 2 * L]
-            nxt, logits, k2, v2 = step(params, x, k, v, start, pos)
-            tok = jnp.argmax(nxt[:, 0], axis=-1).astype(jnp.int32)
+            nxt, tok, logits, k2, v2 = step(params, x, k, v, start, pos)
             return (nxt, tok, logits, *k2, *v2)
 
         f32 = jnp.float32

@@ -27,7 +27,7 @@ from veil.errors import ConfigError, IntegrityError, UnsupportedError
 from veil.model.config import hf_config_dict, load_config
 from veil.model.tokenizer import Tokenizer
 from veil.model.zoo import file_sha256
-from veil.tee.process import DeviceHandle, SafetensorsReader
+from veil.tee.process import SafetensorsReader
 from veil.tee.sealing import read_key, seal, unseal, write_key
 
 ARTIFACT = "veil-artifact.json"
@@ -88,8 +88,9 @@ def protect(model: str | Path, scheme: str, out: Path, key_file: Path | None = N
 def _protect(scheme: str, cfg, weights, options: dict[str, Any]):
     """(sealable tensors, metadata, device weights) of `scheme`'s offline step."""
     if scheme == "shielded":
-        if options:
-            raise UnsupportedError(f"scheme 'shielded' takes no options, got {sorted(options)}")
+        from veil.api import SCHEMES
+
+        SCHEMES["shielded"](cfg, weights, options)      # the same option check as veil.load
         return {f"enclave.{k}": v for k, v in weights.items()}, {}, {}
     if scheme == "loro":
         from veil.tee.runtime import protect_loro
@@ -108,11 +109,9 @@ def _run(scheme: str, cfg, tensors, meta, device, weight_of, verify: bool):
     if verify and scheme != "loro":
         raise ConfigError(f"verify (Freivalds checks) is offered for loro, not {scheme!r}")
     if scheme == "shielded":
-        from veil.backends.plain import TorchOps
+        from veil.api import SCHEMES
 
-        ops = TorchOps(cfg, {k.removeprefix("enclave."): v for k, v in tensors.items()})
-        ops.name = "shielded"
-        return ops
+        return SCHEMES["shielded"](cfg, {k.removeprefix("enclave."): v for k, v in tensors.items()}, {})
     if scheme == "loro":
         from veil.tee.runtime import run_loro
         from veil.tee.schemes.loro import LoroSecrets
@@ -145,27 +144,20 @@ def load_artifact(folder: Path, scheme: str, options: dict[str, Any]):
         raise IntegrityError(f"{folder}: enclave.sealed is missing")
     tensors, meta = unseal(sealed.read_bytes(), key, f"{recorded}/enclave", str(sealed))
     cfg = load_config(folder / "device")
-    record = bool(options.pop("record_view", False))
+    from veil.tee.runtime import DEVICE_OPTIONS, start_device
+
     verify = bool(options.pop("verify", False))
-    mode = options.pop("device", "process")
-    threads = options.pop("device_threads", None)
+    device_options = {k: options.pop(k) for k in list(options) if k in DEVICE_OPTIONS}
     if options:
         raise ConfigError(f"unknown options for a protected artifact: {sorted(options)}")
-    if mode not in ("thread", "process"):
-        raise ConfigError(f"device must be 'thread' or 'process', got {mode!r}")
     device, weight_of = None, None
     if recorded != "shielded":
         weights_path = folder / "device" / "model.safetensors"
         if not isinstance(meta.get("device_sha256"), str):
             raise IntegrityError(f"{sealed}: no digest of the device weights")
-        reader = SafetensorsReader(weights_path, sha256=meta["device_sha256"])
-        weight_of = reader.weight
-        if mode == "process":
-            device = DeviceHandle.in_process(weights_path, record, threads=threads)
-        else:
-            from veil.model.weights import read_safetensors
-
-            device = DeviceHandle.in_thread(read_safetensors([weights_path]), record)
+        # checked against the sealed digest before the enclave reads a byte of it
+        weight_of = SafetensorsReader(weights_path, sha256=meta["device_sha256"]).weight
+        device, _ = start_device(weights_path, device_options, default_mode="process")
     ops = _run(recorded, cfg, tensors, meta, device, weight_of, verify)
     check_support(ops, cfg)
     tokenizer = Tokenizer(folder) if Tokenizer.present(folder) else None

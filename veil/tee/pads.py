@@ -28,7 +28,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -65,16 +65,17 @@ class PadStream:
         self._ecb = Cipher(algorithms.AES(self.key), modes.ECB()).encryptor()
 
     @staticmethod
-    def stride(dim: int) -> int:
-        """16-byte counter blocks per row: two 32-bit words per pair of Gaussians."""
-        return math.ceil(8 * ((dim + 1) // 2) / 16)
+    def stride(dim: Any) -> Any:
+        """16-byte counter blocks per row: two 32-bit words per pair of Gaussians (an int, or
+        element-wise for an integer array)."""
+        return (8 * ((dim + 1) // 2) + 15) // 16
 
     def segments(self, epoch: int, groups: np.ndarray, starts: np.ndarray, n: int,
                  dims: np.ndarray) -> list[torch.Tensor]:
         """Rows starts[j] … starts[j]+n−1 of group groups[j] (dims[j] wide), for every j, from one
         keystream call and one Box–Muller pass (per-call overhead, not arithmetic, is what a
         decode step's ~120 single rows would otherwise cost)."""
-        strides = (8 * ((dims + 1) // 2) + 15) // 16                   # = stride(dim), vectorised
+        strides = self.stride(dims)
         nblocks = strides * n
         seg = np.repeat(np.arange(len(groups)), nblocks)
         first = np.cumsum(nblocks) - nblocks
@@ -174,22 +175,21 @@ class PadPool:
         if start + rows > self.capacity:
             self.refill(max(rows, self.capacity))   # (outside a planned generation: more rows)
             start = 0
-        self.cursor[group] = start + rows
-        self.cost.crypto_bytes += rows * PadStream.stride(self.in_dim[group]) * 16
         made = self._next.pop(group, None)
         if made is not None and made[0] == start and made[1].shape[0] == rows:
-            return made[1], (start, rows)
-        if rows > 4 or any(self.cursor[g] - (g == group) * rows + rows > self.capacity
-                           for g in self.groups):
+            pad = made[1]
+        elif rows > 4 or any(c + rows > self.capacity for c in self.cursor.values()):
             # prefill: many rows of one group at a time (a step's worth for all groups is large)
-            return self.stream.rows(self.epoch, self.group_index[group], start, rows,
-                                    self.in_dim[group]), (start, rows)
-        # decode: the next `rows` rows of every group in one pass, kept until each is taken
-        starts = np.array([self.cursor[g] for g in self.groups], dtype=np.int64)
-        starts[self.group_index[group]] = start
-        made_all = self.stream.segments(self.epoch, self._ids, starts, rows, self._dims)
-        self._next = {g: (int(starts[i]), made_all[i]) for i, g in enumerate(self.groups) if g != group}
-        return made_all[self.group_index[group]], (start, rows)
+            pad = self.stream.rows(self.epoch, self.group_index[group], start, rows, self.in_dim[group])
+        else:
+            # decode: the next `rows` rows of every group in one pass, kept until each is taken
+            starts = np.fromiter(self.cursor.values(), dtype=np.int64, count=len(self.cursor))
+            made_all = self.stream.segments(self.epoch, self._ids, starts, rows, self._dims)
+            self._next = {g: (int(starts[i]), made_all[i]) for i, g in enumerate(self.groups) if g != group}
+            pad = made_all[self.group_index[group]]
+        self.cursor[group] = start + rows
+        self.cost.crypto_bytes += rows * PadStream.stride(self.in_dim[group]) * 16
+        return pad, (start, rows)
 
     def fetch_args(self, ticket: tuple[int, int]) -> dict:
         """Request arguments asking the device to send the ticket's sealed products back."""

@@ -17,7 +17,7 @@ from veil.errors import ConfigError
 from veil.model.forward import forward
 from veil.ops import Step
 from veil.model.config import ModelConfig
-from veil.model.weights import Weights
+from veil.model.weights import Weights, read_safetensors
 from safetensors.torch import save_file
 
 from veil.tee.device import DeviceState, View
@@ -131,28 +131,33 @@ def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, device: DeviceHandle,
                        verifier=verifier, device=device, bank=secrets_.bank, pool=pool)
 
 
-def start_device(device_weights: dict[str, torch.Tensor], options: dict[str, Any]
-                 ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
-    """Start the untrusted side on `device_weights`, as the options say (popped from them):
-    device="thread" (default; tests) or "process" (its own OS process reading the weights from a
-    private temp folder), device_threads=N, device_cpus=[cores], record_view=True.
+def start_device(device_weights: dict[str, torch.Tensor] | Path, options: dict[str, Any],
+                 default_mode: str = "thread") -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
+    """Start the untrusted side on `device_weights` (tensors, or a safetensors file such as a
+    protected artifact's), as the options say (popped from them): device="thread" (tests) or
+    "process" (its own OS process reading the weights from that file, or from a private temp
+    folder), device_threads=N, device_cpus=[cores], record_view=True.
     Returns the handle and the enclave's read access to the device's weights by base name."""
     record = bool(options.pop("record_view", False))
-    mode = options.pop("device", "thread")
+    mode = options.pop("device", default_mode)
     threads = options.pop("device_threads", None)
     cpus = options.pop("device_cpus", None)
     if mode == "thread":
         if cpus is not None or threads is not None:
             raise ConfigError("device_threads/device_cpus need device='process'")
-        return (DeviceHandle.in_thread(device_weights, record),
-                lambda n: device_weights[f"{n}.weight"])
+        weights = (device_weights if isinstance(device_weights, dict)
+                   else read_safetensors([Path(device_weights)]))
+        return DeviceHandle.in_thread(weights, record), lambda n: weights[f"{n}.weight"]
     if mode != "process":
         raise ConfigError(f"device must be 'thread' or 'process', got {mode!r}")
-    folder = Path(tempfile.mkdtemp(prefix="veil-device-"))
-    save_file(device_weights, str(folder / "model.safetensors"))
-    device = DeviceHandle.in_process(folder / "model.safetensors", record, cleanup=folder,
-                                     threads=threads, cpus=cpus)
-    return device, SafetensorsReader(folder / "model.safetensors").weight
+    if isinstance(device_weights, dict):
+        cleanup = Path(tempfile.mkdtemp(prefix="veil-device-"))
+        path = cleanup / "model.safetensors"
+        save_file(device_weights, str(path))
+    else:
+        path, cleanup = Path(device_weights), None
+    device = DeviceHandle.in_process(path, record, cleanup=cleanup, threads=threads, cpus=cpus)
+    return device, SafetensorsReader(path).weight
 
 
 def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> TeeModelOps:

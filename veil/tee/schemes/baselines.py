@@ -30,7 +30,7 @@ from veil.model.weights import Weights
 from veil.tee.enclave import HeadMixing, csprng_perm
 from veil.tee.process import DeviceHandle
 from veil.tee.runtime import DEVICE_OPTIONS, TeeModelOps, start_device
-from veil.tee.schemes.loro import input_groups, masked_matrices, secret_generator
+from veil.tee.schemes.loro import input_groups, secret_generator
 
 BASELINES = ("tlg", "soter", "nnsplitter", "shadownet")
 
