@@ -16,7 +16,7 @@ import torch
 from veil.backends.plain import TorchOps
 from veil.cost import Cost, forward_flops
 from veil.errors import InputError, UnsupportedError
-from veil.model import zoo
+from veil.model import native, zoo
 from veil.model.config import ModelConfig, load_config
 from veil.model.forward import forward
 from veil.model.generate import (GenerationTrace, SamplingConfig, check_prompts, generate_ids,
@@ -63,8 +63,14 @@ def _mpc(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
     return MpcOps(cfg, weights, options)  # type: ignore[return-value]
 
 
+def _merge(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
+    from veil.mpc.backend import MpcOps
+
+    return MpcOps(cfg, weights, options, name="merge")  # type: ignore[return-value]
+
+
 SCHEMES: dict[str, SchemeBuilder] = {
-    "plain": _plain, "loro": _loro, "shielded": _shielded, "mpc": _mpc,
+    "plain": _plain, "loro": _loro, "shielded": _shielded, "mpc": _mpc, "merge": _merge,
     **{s: _baseline(s) for s in ("tlg", "soter", "nnsplitter", "shadownet")},
 }
 
@@ -235,7 +241,8 @@ def open_public(model: str | Path) -> tuple[ModelConfig, Tokenizer | None]:
     where = zoo.resolve(model)
     if isinstance(where, str):
         return zoo.preset(where), None
-    return load_config(where), (Tokenizer(where) if Tokenizer.present(where) else None)
+    cfg = native.read_config(where) if native.is_native(where) else load_config(where)
+    return cfg, (Tokenizer(where) if Tokenizer.present(where) else None)
 
 
 def open_model(model: str | Path) -> OpenedModel:
@@ -244,8 +251,11 @@ def open_model(model: str | Path) -> OpenedModel:
     if isinstance(where, str):
         cfg = zoo.preset(where)
         return OpenedModel(cfg, zoo.random_weights(cfg), None, None, where)
-    cfg = load_config(where)
     tokenizer = Tokenizer(where) if Tokenizer.present(where) else None
+    if native.is_native(where):            # a variant veil wrote (e.g. a MERGE student)
+        cfg, weights = native.load_native(where)
+        return OpenedModel(cfg, weights, tokenizer, where, str(model))
+    cfg = load_config(where)
     return OpenedModel(cfg, load_weights(where, cfg), tokenizer, where, str(model))
 
 
@@ -259,7 +269,7 @@ def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -
     if scheme not in SCHEMES:
         raise UnsupportedError(f"unknown scheme {scheme!r} (available: {', '.join(SCHEMES)})")
     opened = open_model(model)
-    if scheme == "mpc":      # local party processes open the model by the same name
+    if scheme in ("mpc", "merge"):   # local party processes open the model by the same name
         options = {"model": str(model), **options}
     ops = SCHEMES[scheme](opened.cfg, opened.weights, dict(options))
     check_support(ops, opened.cfg)

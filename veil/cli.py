@@ -21,6 +21,8 @@ eval_app = typer.Typer(no_args_is_help=True, help="Quality of a model on held-ou
 app.add_typer(eval_app, name="eval")
 mpc_app = typer.Typer(no_args_is_help=True, help="Multi-party private generation (SPU).")
 app.add_typer(mpc_app, name="mpc")
+train_app = typer.Typer(no_args_is_help=True, help="Training recipes of the model variants.")
+app.add_typer(train_app, name="train")
 out = Console()
 err = Console(stderr=True)
 
@@ -160,6 +162,42 @@ def eval_ppl(model: str = typer.Option("default"),
     r = perplexity(m, ids, window=window, max_windows=windows, corpus=corpus)
     out.print(f"{corpus} held-out · {r.windows}×{r.window_len} tokens · perplexity "
               f"{r.perplexity:.2f} · top-1 accuracy {r.top1_accuracy:.3f}", highlight=False)
+
+
+@train_app.command("merge")
+@_clean_errors
+def train_merge(model: str = typer.Option("default"),
+                layers: int = typer.Option(4, help="keep the first N layers (0 = all; CPU: 2–6)"),
+                context: int = typer.Option(64, help="max sequence length (constant-attention size)"),
+                variant: str = typer.Option("merge", help="merge | only-er | only-mm"),
+                steps1: int = typer.Option(60, help="stage 1 (fine-tune) steps"),
+                steps2: int = typer.Option(150, help="stage 2 (MERGE student) steps"),
+                batch: int = typer.Option(8), seq: int = typer.Option(64),
+                lr1: float = typer.Option(1e-4), lr2: float = typer.Option(3e-4),
+                lam: float = typer.Option(0.75, help="weight of the cosine (resend) loss"),
+                noise: float = typer.Option(0.75, help="input noise, × the embedding RMS"),
+                dropout: float = typer.Option(0.6, help="input-embedding dropout"),
+                device: str = typer.Option("cpu", help="cpu | cuda"),
+                out_dir: Optional[str] = typer.Option(None, "--out",
+                                                      help="run folder (default: in the cache)"),
+                ) -> None:
+    """MERGE's recipe: fine-tune, train the student, merge, and score quality. Resumable: run the
+    same command again after an interruption."""
+    from pathlib import Path
+
+    from veil.train.merge_recipe import MergeRecipe, default_out, run_recipe
+    from veil.train.quality import markdown
+    from veil.train.trainer import TrainSettings
+
+    r = MergeRecipe(model=model, layers=layers, context=context, variant=variant, lam=lam,
+                    noise=noise, dropout=dropout, device=device,
+                    stage1=TrainSettings(steps=steps1, batch=batch, seq=seq, lr=lr1),
+                    stage2=TrainSettings(steps=steps2, batch=batch, seq=seq, lr=lr2))
+    folder = Path(out_dir) if out_dir else default_out(r)
+    table = run_recipe(r, folder)
+    out.print(markdown(table), highlight=False)
+    print(f"merged model → {folder / 'merged'}   (veil generate --model {folder / 'merged'} "
+          "--scheme mpc)")
 
 
 @app.command()

@@ -79,6 +79,24 @@ PLACEMENTS: dict[str, list[Placement]] = {
                   "the lengths (the output length is fixed by the client's request)"),
         Placement("generated token ids", "client", "the other parties' shares of each token id", "—"),
     ],
+    # MERGE: the same protocol on a changed model; what changes is what runs under MPC
+    "merge": [
+        Placement("attention table softmax (constant attention)", "owner, in plaintext",
+                  "—", "—", ""),
+        Placement("prompt embedding (one-hot × table), layers (V·table mixing, linears, quad, "
+                  "norm), resent states", "all parties (shares)",
+                  "shares of the weights, the softmaxed tables and the prompt; masked values "
+                  "opened by the protocol",
+                  "its shares of the weights, of each layer's value cache and of the kept states",
+                  "semi2k: rank 0 (the owner) is SPU's trusted dealer and could unmask everything — "
+                  "use cheetah or aby3 against a distrusting owner"),
+        Placement("LM head + argmax, once after the loop", "all parties (shares)",
+                  "masked values opened by the protocol", "—", ""),
+        Placement("shape of the run", "public", "prompt length, number of new tokens", "—",
+                  "the lengths (the output length is fixed by the client's request)"),
+        Placement("generated token ids", "client",
+                  "the other parties' shares of the token ids, all at the end", "—"),
+    ],
 }
 
 

@@ -23,6 +23,30 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+class _PerLayer:
+    """Indexable like a (layers, …) tensor, but one tensor per layer: writing layer i's slots then
+    leaves the tensors autograd saved for earlier layers untouched (training needs this)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.t = tensors
+
+    def __getitem__(self, key: tuple) -> torch.Tensor:
+        return self.t[key[0]][key[1:]]
+
+    def __setitem__(self, key: tuple, value: torch.Tensor) -> None:
+        self.t[key[0]][key[1:]] = value
+
+
+class TrainCache(KVCache):
+    """A KV cache for a differentiable forward over a whole sequence."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int) -> None:
+        shape = (batch, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = _PerLayer([torch.zeros(shape) for _ in range(cfg.n_layers)])  # type: ignore
+        self.v = _PerLayer([torch.zeros(shape) for _ in range(cfg.n_layers)])  # type: ignore
+        self.capacity = capacity
+
+
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_seq_len, head_dim) in HF's rotate-half layout."""
     inv = torch.tensor(rope_inv_freq(cfg), dtype=torch.float64)
@@ -53,23 +77,48 @@ def attention_mask(step: Step, t_new: int, total: int) -> torch.Tensor | None:
     return allowed[:, None]                                               # (B, 1, T, S)
 
 
+def constant_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(H, L, L) learned logits → the causal softmax table: row q spreads over keys 0..q.
+
+    The owner computes this in plaintext (the table is a weight, input-independent), so no softmax
+    is ever evaluated under MPC.
+    """
+    L = logits.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def constant_rows(probs: torch.Tensor, positions: torch.Tensor, start: int, end: int
+                  ) -> torch.Tensor:
+    """The table's weights (B, H, T, S) for queries at `positions` (B, T) over cache slots
+    0..end-1. A key sits `qslot − s` positions before the query; keys before the row's first
+    real token (left padding) land on a negative position and get weight 0."""
+    T = positions.shape[1]
+    qslot = torch.arange(start, start + T)[:, None]                           # (T, 1)
+    kpos = positions[:, :, None] - (qslot - torch.arange(end)[None, :])[None]  # (B, T, S)
+    valid = (kpos >= 0) & (kpos <= positions[:, :, None])
+    rows = probs[:, positions[:, :, None].expand_as(kpos), kpos.clamp(min=0)]  # (H, B, T, S)
+    return (rows * valid).transpose(0, 1)
+
+
 class TorchOps:
     """Executes the forward with torch tensors held in (B, T, features) layout."""
 
     name = "plain"
     support = {
-        "norm": frozenset({"rms", "layer"}),
-        "activation": frozenset({"silu", "gelu", "gelu_tanh"}),
+        "norm": frozenset({"rms", "layer", "affine"}),
+        "activation": frozenset({"silu", "gelu", "gelu_tanh", "quad"}),
         "mlp": frozenset({"gated", "plain"}),
         "position": frozenset({"rope", "learned"}),
-        "attention": frozenset({"softmax"}),
-        "generation": frozenset({"standard"}),
+        "attention": frozenset({"softmax", "constant"}),
+        "generation": frozenset({"standard", "embedding_resend"}),
     }
 
     def __init__(self, cfg: ModelConfig, weights: Weights) -> None:
         self.cfg = cfg
         self.w = weights
         self._rope_for: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._tables: dict[int, torch.Tensor] = {}
         if cfg.position == "rope":
             self.cos, self.sin = rope_tables(cfg)
 
@@ -84,6 +133,8 @@ class TorchOps:
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         w = self.w[f"{name}.weight"]
+        if self.cfg.norm == "affine":
+            return x * w + self.w[f"{name}.bias"]
         if self.cfg.norm == "rms":
             # written out: faster than F.rms_norm on CPU for decode-sized inputs
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * w
@@ -118,6 +169,8 @@ class TorchOps:
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   step: Step, cache: KVCache) -> torch.Tensor:
         cfg, hd = self.cfg, self.cfg.head_dim
+        if cfg.attention == "constant":
+            return self._constant_attention(layer, v, step, cache)
         B, T, _ = q.shape
         end = step.start + T
         qh = q.view(B, T, cfg.n_heads, hd).transpose(1, 2)               # (B, nh, T, hd)
@@ -131,8 +184,32 @@ class TorchOps:
                                              enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         return out.transpose(1, 2).reshape(B, T, cfg.q_dim)               # (B, T, nh*hd)
 
+    def _constant_attention(self, layer: int, v: torch.Tensor, step: Step,
+                            cache: KVCache) -> torch.Tensor:
+        """MERGE: out_h = Σ_s P_h[pos(t), pos(s)] · v_s, P the layer's causal-softmaxed table."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        B, T, _ = v.shape
+        end = step.start + T
+        cache.v[layer, :, :, step.start:end] = v.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
+        values = cache.v[layer, :, :, :end]                               # (B, nkv, S, hd)
+        probs = constant_rows(self._probs(layer), step.positions, step.start, end)  # (B,nh,T,S)
+        G = cfg.n_heads // cfg.n_kv_heads
+        out = probs.view(B, cfg.n_kv_heads, G, T, end) @ values[:, :, None]  # (B,nkv,G,T,hd)
+        return out.reshape(B, cfg.n_heads, T, hd).transpose(1, 2).reshape(B, T, cfg.q_dim)
+
+    def _probs(self, layer: int) -> torch.Tensor:
+        logits = self.w[f"layers.{layer}.attn.const"]
+        if logits.requires_grad:                    # training: the table is being learned
+            return constant_probs(logits)
+        if layer not in self._tables:
+            self._tables[layer] = constant_probs(logits)
+        return self._tables[layer]
+
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.cfg.activation
+        if kind == "quad":
+            c2, c1, c0 = self.cfg.quad
+            return (c2 * x + c1) * x + c0
         if kind == "silu":
             return F.silu(x)
         return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")

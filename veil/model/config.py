@@ -56,14 +56,24 @@ class ModelConfig:
     d_ff: int
     max_seq_len: int
     head_dim: int = 0  # 0 → d_model // n_heads
-    norm: str = "rms"  # rms | layer
+    norm: str = "rms"  # rms | layer | affine (MERGE: x·w + b, no statistics)
     norm_eps: float = 1e-5
-    activation: str = "silu"  # silu | gelu | gelu_tanh
+    activation: str = "silu"  # silu | gelu | gelu_tanh | quad (c₂x² + c₁x + c₀, below)
+    # quad's (c₂, c₁, c₀): MPCFormer's GeLU stand-in by default (MERGE uses it); variants/merge.py
+    # fits SiLU's for the gated families
+    quad: tuple[float, float, float] = (0.125, 0.25, 0.5)
     mlp: str = "gated"  # gated (SwiGLU: act(x Wg) * x Wu) | plain (act(x Wu))
     position: str = "rope"  # rope | learned
     rope: RopeConfig = field(default_factory=RopeConfig)
+    # softmax | constant (MERGE: a learned per-layer (heads, L, L) table replaces softmax(QKᵀ);
+    # no q/k projections, no rope)
     attention: str = "softmax"
+    # standard | embedding_resend (MERGE: the last hidden state is the next input embedding;
+    # the LM head runs once, after generation)
     generation: str = "standard"
+    # MERGE's merge module applied: the per-layer affine norms are folded into the projections that
+    # read them, and the constant attention is stored softmaxed (`attn.probs`); see variants/merge.py
+    merged: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -87,13 +97,20 @@ class ModelConfig:
                               f"n_kv_heads={self.n_kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
-        for knob, value, allowed in (("norm", self.norm, ("rms", "layer")),
-                                     ("activation", self.activation, ("silu", "gelu", "gelu_tanh")),
+        for knob, value, allowed in (("norm", self.norm, ("rms", "layer", "affine")),
+                                     ("activation", self.activation,
+                                      ("silu", "gelu", "gelu_tanh", "quad")),
                                      ("mlp", self.mlp, ("gated", "plain")),
-                                     ("position", self.position, ("rope", "learned"))):
+                                     ("position", self.position, ("rope", "learned")),
+                                     ("attention", self.attention, ("softmax", "constant")),
+                                     ("generation", self.generation,
+                                      ("standard", "embedding_resend"))):
             if value not in allowed:
                 raise UnsupportedError(f"model config: {knob}={value!r} is not supported "
                                        f"(supported: {', '.join(allowed)})")
+        if self.merged and (self.attention != "constant" or self.norm != "affine"):
+            raise ConfigError("model config: merged=True needs attention='constant' and "
+                              "norm='affine' (only those fold exactly into the projections)")
 
     @property
     def q_dim(self) -> int:
@@ -106,12 +123,17 @@ class ModelConfig:
     def n_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""
         d, L = self.d_model, self.n_layers
-        attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
-        attn += (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + d * self.o_bias
+        if self.attention == "constant":   # v, o and the (heads, L, L) table; no q/k
+            attn = d * self.kv_dim + self.q_dim * d + self.n_heads * self.max_seq_len ** 2
+            attn += self.kv_dim * self.qkv_bias + d * self.o_bias
+        else:
+            attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
+            attn += (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + d * self.o_bias
         n_mlp_in = 2 if self.mlp == "gated" else 1
         mlp = (n_mlp_in + 1) * d * self.d_ff + (n_mlp_in * self.d_ff + d) * self.mlp_bias
-        norm = d * (2 if self.norm == "layer" else 1)
-        total = L * (attn + mlp + 2 * norm) + norm + self.vocab_size * d
+        norm = d * (1 if self.norm == "rms" else 2)
+        layer_norms = 0 if self.merged else 2 * norm
+        total = L * (attn + mlp + layer_norms) + norm + self.vocab_size * d
         if not self.tie_embeddings:
             total += self.vocab_size * d
         if self.position == "learned":

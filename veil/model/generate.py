@@ -16,7 +16,7 @@ import torch
 
 from veil.errors import InputError
 from veil.model.config import ModelConfig
-from veil.model.forward import forward
+from veil.model.forward import forward, hidden_states
 from veil.ops import Ops, Step
 
 
@@ -150,6 +150,9 @@ def generate_ids(cfg: ModelConfig, ops: Ops, prompts: Sequence[Sequence[int]], s
     rows = [RowResult() for _ in range(B)]
     done = [False] * B
     cache = ops.new_cache(B, capacity)
+    if cfg.generation == "embedding_resend":
+        return _generate_resend(cfg, ops, ids, prefill, s, gen, cache, rows, trace,
+                                stop_check, on_token)
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = forward(cfg, ops, ids, prefill, cache, last_only=True)
@@ -181,4 +184,49 @@ def generate_ids(cfg: ModelConfig, ops: Ops, prompts: Sequence[Sequence[int]], s
             slot += 1
             trace.decode_steps += 1
         trace.decode_s = time.perf_counter() - t0
+    return rows, trace
+
+
+def _generate_resend(cfg: ModelConfig, ops: Ops, ids: torch.Tensor, prefill: Step,
+                     s: SamplingConfig, gen: torch.Generator | None, cache: object,
+                     rows: list[RowResult], trace: GenerationTrace,
+                     stop_check: Callable[[int, list[int]], bool] | None,
+                     on_token: Callable[[int, int], None] | None,
+                     ) -> tuple[list[RowResult], GenerationTrace]:
+    """MERGE's embedding resending: the last hidden state is fed back as the next input
+    embedding, so the loop has no LM head, sampling or embedding lookup; the LM head runs once
+    over all kept states and the tokens are read off afterwards. The length is fixed up front
+    (the loop never sees a token), and stop rules cut the finished text."""
+    B, T0 = ids.shape
+    n_new = min(s.max_new_tokens, cfg.max_seq_len - T0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        h = hidden_states(cfg, ops, ids, prefill, cache)[:, -1:]         # (B, 1, d)
+        trace.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        kept = [h]
+        next_pos = prefill.positions[:, -1:] + 1                          # (B, 1)
+        for slot in range(T0, T0 + n_new - 1):
+            h = hidden_states(cfg, ops, None, Step(next_pos, prefill.key_valid, slot), cache,
+                              embeds=h)
+            kept.append(h)
+            next_pos = next_pos + 1
+            trace.decode_steps += 1
+        logits = ops.lm_head(torch.cat(kept, dim=1)).float()              # (B, n_new, V)
+        trace.decode_s = time.perf_counter() - t0
+    for r in range(B):
+        for j in range(n_new):
+            tok = int(pick_next(logits[r:r + 1, j], s, gen)[0])
+            rows[r].token_ids.append(tok)
+            if on_token is not None:
+                on_token(r, tok)
+            if s.stop_on_eos and tok in cfg.eos_token_ids:
+                rows[r].finish_reason = "eos"
+                break
+            if stop_check is not None and stop_check(r, rows[r].token_ids):
+                rows[r].finish_reason = "stop"
+                break
+        else:
+            if n_new < s.max_new_tokens:
+                rows[r].finish_reason = "context"
     return rows, trace

@@ -28,17 +28,26 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
     if cfg.position == "learned":
         shapes["pos_embed.weight"] = (cfg.max_seq_len, d)
-    norm_params = ("weight", "bias") if cfg.norm == "layer" else ("weight",)
+    norm_params = ("weight",) if cfg.norm == "rms" else ("weight", "bias")
+    # a merged MERGE model has its per-layer norms folded into the projections (variants/merge.py)
+    layer_norms = () if cfg.merged else ("attn_norm", "mlp_norm")
     for i in range(cfg.n_layers):
         p = f"layers.{i}"
-        for norm in ("attn_norm", "mlp_norm"):
+        for norm in layer_norms:
             for q in norm_params:
                 shapes[f"{p}.{norm}.{q}"] = (d,)
-        linears = {"attn.q": (cfg.q_dim, d, cfg.qkv_bias), "attn.k": (cfg.kv_dim, d, cfg.qkv_bias),
-                   "attn.v": (cfg.kv_dim, d, cfg.qkv_bias), "attn.o": (d, cfg.q_dim, cfg.o_bias),
-                   "mlp.up": (f, d, cfg.mlp_bias), "mlp.down": (d, f, cfg.mlp_bias)}
+        if cfg.attention == "constant":
+            # learned logits; the owner softmaxes them (causal, per query) in plaintext
+            shapes[f"{p}.attn.const"] = (cfg.n_heads, cfg.max_seq_len, cfg.max_seq_len)
+            linears = {"attn.v": (cfg.kv_dim, d, cfg.qkv_bias or cfg.merged),
+                       "attn.o": (d, cfg.q_dim, cfg.o_bias)}
+        else:
+            linears = {"attn.q": (cfg.q_dim, d, cfg.qkv_bias), "attn.k": (cfg.kv_dim, d, cfg.qkv_bias),
+                       "attn.v": (cfg.kv_dim, d, cfg.qkv_bias), "attn.o": (d, cfg.q_dim, cfg.o_bias)}
+        linears |= {"mlp.up": (f, d, cfg.mlp_bias or cfg.merged),
+                    "mlp.down": (d, f, cfg.mlp_bias)}
         if cfg.mlp == "gated":
-            linears["mlp.gate"] = (f, d, cfg.mlp_bias)
+            linears["mlp.gate"] = (f, d, cfg.mlp_bias or cfg.merged)
         for name, (n_out, n_in, bias) in linears.items():
             shapes[f"{p}.{name}.weight"] = (n_out, n_in)
             if bias:

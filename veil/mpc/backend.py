@@ -1,6 +1,13 @@
-"""`scheme="mpc"`: vanilla two-party (or ABY3 three-party) private generation on SPU.
+"""`scheme="mpc"`: two-party (or ABY3 three-party) private generation on SPU; `scheme="merge"`:
+the same runtime on a MERGE model (variants/merge.py, trained by `veil train merge`).
 
     veil.load(model, scheme="mpc", protocol="semi2k", parties="sim" | "local", …)
+    veil.load(merged_folder, scheme="merge", …)
+
+The model's config decides the program: vanilla (one-hot embedding, real softmax/activation/norm,
+LM head and argmax every step) or MERGE (constant attention, quad activation, resent states, the
+LM head once at the end). `merge` only adds the check that the model is a MERGE variant, so a
+user cannot believe they run MERGE on a vanilla model.
 
 parties="sim" runs every party in this process over SPU's in-memory link (tests, quick checks);
 "local" starts one OS process per party on loopback (veil/mpc/cluster.py) — the same party code
@@ -30,7 +37,9 @@ class MpcOps:
     name = "mpc"
     support = JaxOps.support
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> None:
+    def __init__(self, cfg: ModelConfig, weights: Weights, options: dict[str, Any],
+                 name: str = "mpc") -> None:
+        self.name = name
         self.cfg, self.weights = cfg, weights
         self.source = options.pop("model", None)
         self.parties = options.pop("parties", "sim")
@@ -50,7 +59,11 @@ class MpcOps:
         except TypeError as exc:
             raise ConfigError(f"mpc: {exc}") from None
         if options:
-            raise ConfigError(f"mpc: unknown options {sorted(options)}")
+            raise ConfigError(f"{name}: unknown options {sorted(options)}")
+        if self.name == "merge" and cfg.attention != "constant" and cfg.generation == "standard":
+            raise ConfigError("scheme 'merge' needs a MERGE model (constant attention and/or "
+                              "embedding resending); make one with `veil train merge`, or use "
+                              "scheme 'mpc' for vanilla private generation")
         if self.mc.protocol == "semi2k":
             warnings.warn("mpc: SPU's semi2k makes rank 0 (the model owner) its trusted dealer, "
                           "so it is not private against the owner; use protocol='cheetah' or "

@@ -81,6 +81,8 @@ class JaxOps:
 
     def norm(self, x: Any, name: str) -> Any:
         w = self.w[f"{name}.weight"]
+        if self.cfg.norm == "affine":
+            return x * w + self.w[f"{name}.bias"]
         if self.cfg.norm == "rms":
             return self.normalize(x) * w
         xc = x - jnp.mean(x, axis=-1, keepdims=True)
@@ -110,6 +112,8 @@ class JaxOps:
 
     def attention(self, layer: int, q: Any, k: Any, v: Any, step: Step, cache: JaxCache) -> Any:
         cfg, hd = self.cfg, self.cfg.head_dim
+        if cfg.attention == "constant":
+            return self._constant_attention(layer, v, step, cache)
         B, T, _ = q.shape
         nkv, G = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
         kn = k.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)                   # (B, nkv, T, hd)
@@ -126,6 +130,30 @@ class JaxOps:
         out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)                  # (B, nkv, G, T, hd)
         return out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.q_dim)
 
+    def _constant_attention(self, layer: int, v: Any, step: Step, cache: JaxCache) -> Any:
+        """MERGE: out_h = Σ_s P_h[pos(t), pos(s)] · v_s over the cache's capacity. P (the owner's,
+        softmaxed in plaintext: `attn.probs`) is read at public positions — a gather with public
+        indices, no comparison or exponential under MPC; slots past the query weigh 0."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        B, T, _ = v.shape
+        nkv, G = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+        vn = v.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, zero, jnp.asarray(step.start, jnp.int32), zero)
+        cache.v[layer] = jax.lax.dynamic_update_slice(cache.v[layer], vn.astype(cache.v[layer].dtype), at)
+        values = cache.v[layer]                                               # (B, nkv, S, hd)
+        S = values.shape[2]
+        pos = jnp.asarray(step.positions, jnp.int32)                          # (B, T)
+        qslot = jnp.asarray(step.start, jnp.int32) + jnp.arange(T)[:, None]
+        kpos = pos[:, :, None] - (qslot - jnp.arange(S)[None, :])[None]       # (B, T, S)
+        valid = (kpos >= 0) & (kpos <= pos[:, :, None])
+        probs = self.w[f"layers.{layer}.attn.probs"]                          # (H, L, L)
+        qidx = jnp.broadcast_to(pos[:, :, None], kpos.shape)
+        rows = probs[:, qidx, jnp.clip(kpos, 0, cfg.max_seq_len - 1)]         # (H, B, T, S)
+        rows = jnp.where(valid[None], rows, 0.0).transpose(1, 0, 2, 3)        # (B, H, T, S)
+        out = jnp.einsum("bkgts,bksd->bkgtd", rows.reshape(B, nkv, G, T, S), values)
+        return out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.q_dim)
+
     @staticmethod
     def _allowed(step: Step, T: int, S: int) -> Any:
         """(B|1, 1, 1, T, S) public mask: causal over the slots written so far, minus padding;
@@ -140,6 +168,9 @@ class JaxOps:
 
     def activation(self, x: Any) -> Any:
         kind = self.cfg.activation
+        if kind == "quad":
+            c2, c1, c0 = self.cfg.quad
+            return (c2 * x + c1) * x + c0
         if kind == "silu":
             return jax.nn.silu(x)
         return jax.nn.gelu(x, approximate=kind == "gelu_tanh")

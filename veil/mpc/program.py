@@ -18,16 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from veil.backends.plain import constant_probs
 from veil.model.config import ModelConfig
-from veil.model.forward import forward
+from veil.model.forward import forward, hidden_states
 from veil.model.weights import Weights
 from veil.mpc.jax_ops import JaxCache, JaxOps
 from veil.ops import Step, check_support
 
 
 def params_of(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
-    """The owner's weights as float32 numpy arrays (the MPC input of party 0)."""
-    return {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in weights.items()}
+    """The owner's weights as float32 numpy arrays (the MPC input of party 0). A constant-attention
+    table is softmaxed here, by the owner in plaintext (`attn.const` → `attn.probs`): MERGE's
+    point is that no softmax runs under MPC."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith(".attn.const"):
+            k, v = k.replace(".const", ".probs"), constant_probs(v.detach().double())
+        out[k] = np.ascontiguousarray(v.detach().float().numpy())
+    return out
 
 
 def one_hot(ids: Any, vocab: int) -> np.ndarray:
@@ -55,17 +63,52 @@ def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps) -> Callable[...,
     return step
 
 
+def make_resend_step(cfg: ModelConfig, first: bool, ops_cls: type[JaxOps] = JaxOps
+                     ) -> Callable[..., tuple]:
+    """MERGE's loop step: (params, x, k, v, start, positions) → (h, k', v'), h (B, 1, d) the last
+    hidden state — both the state kept for the LM head and the next step's input. The first step
+    takes the prompt's one-hot rows (real embeddings), later ones the previous h."""
+    check_support(ops_cls(cfg, {}), cfg)
+
+    def step(params: dict[str, Any], x: Any, k: list[Any], v: list[Any], start: Any,
+             positions: Any) -> tuple:
+        ops = ops_cls(cfg, params)
+        cache = JaxCache(list(k), list(v))
+        h = hidden_states(cfg, ops, x if first else None, Step(positions, None, start), cache,
+                          embeds=None if first else x)[:, -1:]
+        return h, cache.k, cache.v
+    return step
+
+
+def make_head(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps) -> Callable[..., tuple]:
+    """The LM head once over the kept states (B, n, d) → (tokens (B, n) int32, logits)."""
+    def head(params: dict[str, Any], states: Any) -> tuple:
+        logits = ops_cls(cfg, params).lm_head(states)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+    return head
+
+
 def generate_plaintext(cfg: ModelConfig, weights: Weights, prompt: list[int], max_new_tokens: int,
                        capacity: int | None = None) -> tuple[list[int], list[np.ndarray]]:
     """Greedy generation through the jitted step in plaintext jax (the reference the MPC runs
     are checked against, and a check of `JaxOps` itself): (token ids, logits per step)."""
     capacity = capacity or len(prompt) + max_new_tokens
-    step = jax.jit(make_step(cfg))
     params = params_of(cfg, weights)
     cache = JaxCache.zeros(cfg, 1, capacity)
     k, v = cache.k, cache.v
     onehot = one_hot([prompt], cfg.vocab_size)
     positions = np.arange(len(prompt))[None]
+    if cfg.generation == "embedding_resend":
+        first, later = jax.jit(make_resend_step(cfg, True)), jax.jit(make_resend_step(cfg, False))
+        x, states, start = onehot, [], 0
+        for i in range(max_new_tokens):
+            x, k, v = (first if i == 0 else later)(params, x, k, v, np.int32(start), positions)
+            states.append(x)
+            start += positions.shape[1]
+            positions = np.array([[start]])
+        tokens, logits = jax.jit(make_head(cfg))(params, jnp.concatenate(states, axis=1))
+        return [int(t) for t in np.asarray(tokens)[0]], list(np.asarray(logits)[0][:, None])
+    step = jax.jit(make_step(cfg))
     tokens, logits_seen = [], []
     start = 0
     for _ in range(max_new_tokens):

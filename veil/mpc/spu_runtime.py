@@ -26,7 +26,7 @@ import numpy as np
 from veil.errors import ConfigError, ProtocolAbort
 from veil.model.config import ModelConfig
 from veil.mpc.jax_ops import JaxOps
-from veil.mpc.program import make_step
+from veil.mpc.program import make_head, make_resend_step, make_step
 
 PROTOCOLS = {"semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2), "aby3": ("ABY3", 3)}
 FIELDS = {"fm64": "FM64", "fm128": "FM128"}
@@ -111,20 +111,24 @@ class MpcConfig:
 
 
 class StepProgram:
-    """The step compiled by SPU for one input shape (batch, new tokens, cache capacity).
+    """A step compiled by SPU for one input shape (batch, new tokens, cache capacity).
 
-    Inputs, in order: the weights ("p:<name>", sorted), the one-hot input "x", caches "k<i>",
-    "v<i>" (all secret), then "start" and "pos" (public). Outputs: "nx" (next one-hot, secret),
-    "tok" (token id, revealed to the client only), "logits", caches "ko<i>", "vo<i>"."""
+    Inputs, in order: the weights ("p:<name>", sorted), the input "x", caches "k<i>", "v<i>" (all
+    secret), then "start" and "pos" (public). Outputs of the standard step: "nx" (next one-hot,
+    secret), "tok" (token id, revealed to the client only), "logits", caches "ko<i>", "vo<i>".
+    With embedding resending (`resend`): "nx" is the last hidden state (the next input and the
+    state kept for the LM head), and there is no token until `HeadProgram` runs; `first` marks the
+    prompt step, whose "x" is one-hot rows rather than a hidden state."""
 
     def __init__(self, cfg: ModelConfig, mc: MpcConfig, param_shapes: dict[str, tuple[int, ...]],
-                 batch: int, t_new: int, capacity: int) -> None:
+                 batch: int, t_new: int, capacity: int, resend: bool = False,
+                 first: bool = True) -> None:
         import spu.libspu as libspu
         import spu.utils.frontend as spu_fe
 
         self.param_names = sorted(param_shapes)
         L = cfg.n_layers
-        step = make_step(cfg, SpuOps)
+        step = (make_resend_step(cfg, first, SpuOps) if resend else make_step(cfg, SpuOps))
         n_p = len(self.param_names)
 
         def flat_step(*flat: Any) -> tuple:
@@ -132,22 +136,50 @@ class StepProgram:
             x = flat[n_p]
             k, v = list(flat[n_p + 1:n_p + 1 + L]), list(flat[n_p + 1 + L:n_p + 1 + 2 * L])
             start, pos = flat[n_p + 1 + 2 * L], flat[n_p + 2 + 2 * L]
+            if resend:
+                h, k2, v2 = step(params, x, k, v, start, pos)
+                return (h, *k2, *v2)
             nxt, tok, logits, k2, v2 = step(params, x, k, v, start, pos)
             return (nxt, tok, logits, *k2, *v2)
 
         f32 = jnp.float32
         cache = jax.ShapeDtypeStruct((batch, cfg.n_kv_heads, capacity, cfg.head_dim), f32)
+        x_dim = cfg.vocab_size if (first or not resend) else cfg.d_model
         specs = ([jax.ShapeDtypeStruct(param_shapes[n], f32) for n in self.param_names]
-                 + [jax.ShapeDtypeStruct((batch, t_new, cfg.vocab_size), f32)]
+                 + [jax.ShapeDtypeStruct((batch, t_new, x_dim), f32)]
                  + [cache] * (2 * L)
                  + [jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((batch, t_new), jnp.int32)])
         self.input_names = ([f"p:{n}" for n in self.param_names] + ["x"]
                             + [f"k{i}" for i in range(L)] + [f"v{i}" for i in range(L)] + ["start", "pos"])
         secret, public = libspu.Visibility.VIS_SECRET, libspu.Visibility.VIS_PUBLIC
         vis = [secret] * (n_p + 1 + 2 * L) + [public, public]
-        self.output_names = (["nx", "tok", "logits"] + [f"ko{i}" for i in range(L)]
-                             + [f"vo{i}" for i in range(L)])
+        self.output_names = ((["nx"] if resend else ["nx", "tok", "logits"])
+                             + [f"ko{i}" for i in range(L)] + [f"vo{i}" for i in range(L)])
         self.executable, _ = spu_fe.compile(spu_fe.Kind.JAX, flat_step, tuple(specs), {},
+                                            self.input_names, vis, lambda outs: self.output_names)
+
+
+class HeadProgram:
+    """MERGE's LM head, once after the loop: the kept states "h0".."h{n-1}" (secret, (1, 1, d)
+    each) → "tok" (1, n) token ids (revealed to the client) and "logits"."""
+
+    def __init__(self, cfg: ModelConfig, param_shapes: dict[str, tuple[int, ...]], n: int) -> None:
+        import spu.libspu as libspu
+        import spu.utils.frontend as spu_fe
+
+        name = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
+        head = make_head(cfg, SpuOps)
+        self.input_names = [f"p:{name}"] + [f"h{i}" for i in range(n)]
+
+        def flat_head(table: Any, *states: Any) -> tuple:
+            return head({name: table}, jnp.concatenate(states, axis=1))
+
+        f32 = jnp.float32
+        specs = ([jax.ShapeDtypeStruct(param_shapes[name], f32)]
+                 + [jax.ShapeDtypeStruct((1, 1, cfg.d_model), f32)] * n)
+        vis = [libspu.Visibility.VIS_SECRET] * (n + 1)
+        self.output_names = ["tok", "logits"]
+        self.executable, _ = spu_fe.compile(spu_fe.Kind.JAX, flat_head, tuple(specs), {},
                                             self.input_names, vis, lambda outs: self.output_names)
 
 
@@ -191,6 +223,7 @@ class PartyResult:
     logits: list[np.ndarray]     # only with reveal_logits (tests: compare with plain)
     step_s: list[float]          # wall time of each step (run + reveal), this party's clock
     compile_s: float = 0.0       # compiling the step programs (once per shape)
+    head_s: float = 0.0          # MERGE: the LM head run once after the loop
 
 
 def spu_error(exc: BaseException) -> str:
@@ -257,9 +290,12 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
                             f"(capacity {capacity}, model maximum {cfg.max_seq_len})")
     max_new_tokens = n_new
 
+    resend = cfg.generation == "embedding_resend"
     t0 = time.perf_counter()
-    prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity)
-    decode = StepProgram(cfg, mc, param_shapes, 1, 1, capacity) if max_new_tokens > 1 else None
+    prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity, resend, first=True)
+    decode = (StepProgram(cfg, mc, param_shapes, 1, 1, capacity, resend, first=False)
+              if max_new_tokens > 1 else None)
+    head = HeadProgram(cfg, param_shapes, max_new_tokens) if resend else None
     compile_s = time.perf_counter() - t0
 
     def share_input(name: str, value: np.ndarray | None, owner: int) -> None:
@@ -288,6 +324,27 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
         public(f"v{i}", zeros)
 
     tokens, logits_seen, step_s = [], [], []
+
+    def reveal(names: list[str]) -> None:
+        """The others send the client their shares of `names`; only the client reconstructs."""
+        for name in names:
+            mine = rt.get_var(name)
+            if rank != CLIENT:
+                lctx.send(CLIENT, pack_share(mine))
+                continue
+            shares = [mine if r == CLIENT else unpack_share(lctx.recv(r), name)
+                      for r in range(world)]
+            value = np.asarray(io.reconstruct(shares))
+            if name == "tok":
+                got = [int(t) for t in value.reshape(-1)]
+                if any(not 0 <= t < cfg.vocab_size for t in got):
+                    raise ProtocolAbort(f"revealed token(s) {got} outside the vocabulary")
+                tokens.extend(got)
+            elif resend:             # (1, n, V): one row per generated token
+                logits_seen.extend(value[0][:, None])
+            else:
+                logits_seen.append(value)
+
     start, t_new = 0, n_prompt
     for step_i in range(max_new_tokens):
         prog = prefill if step_i == 0 else decode
@@ -301,27 +358,25 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
             rt.set_var(f"k{i}", rt.get_var(f"ko{i}"))
             rt.set_var(f"v{i}", rt.get_var(f"vo{i}"))
         rt.set_var("x", rt.get_var("nx"))
-        reveal = ["tok"] + (["logits"] if reveal_logits else [])
-        for name in reveal:
-            mine = rt.get_var(name)
-            if rank != CLIENT:
-                lctx.send(CLIENT, pack_share(mine))
-            else:
-                shares = [mine if r == CLIENT else unpack_share(lctx.recv(r), name) for r in range(world)]
-                value = np.asarray(io.reconstruct(shares))
-                if name == "tok":
-                    tok = int(value.reshape(-1)[0])
-                    if not 0 <= tok < cfg.vocab_size:
-                        raise ProtocolAbort(f"revealed token {tok} outside the vocabulary")
-                    tokens.append(tok)
-                else:
-                    logits_seen.append(value)
+        if resend:                  # keep the state for the head; nothing is revealed yet
+            rt.set_var(f"h{step_i}", rt.get_var("nx"))
+        else:
+            reveal(["tok"] + (["logits"] if reveal_logits else []))
         step_s.append(time.perf_counter() - t_step)
-        if rank == CLIENT and on_token is not None:
+        if rank == CLIENT and on_token is not None and not resend:
             on_token(tokens[-1], step_s[-1])
         start += t_new
         t_new = 1
-    return PartyResult(tokens, logits_seen, step_s, compile_s)
+    head_s = 0.0
+    if head is not None:
+        t_head = time.perf_counter()
+        rt.run(head.executable)
+        reveal(["tok"] + (["logits"] if reveal_logits else []))
+        head_s = time.perf_counter() - t_head
+        if rank == CLIENT and on_token is not None:
+            for i, tok in enumerate(tokens):
+                on_token(tok, step_s[i] + (head_s if i == len(tokens) - 1 else 0.0))
+    return PartyResult(tokens, logits_seen, step_s, compile_s, head_s)
 
 
 def simulate(cfg: ModelConfig, params: dict[str, np.ndarray], prompt: list[int], max_new_tokens: int,
