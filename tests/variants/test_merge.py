@@ -163,3 +163,14 @@ def test_native_folder_round_trip_and_errors(tmp_path):
     (folder / native.CONFIG_FILE).write_text(json.dumps({**data, "n_layers": 3}))
     with pytest.raises(CheckpointError, match="missing tensor"):
         veil.load(folder)
+
+
+def test_merge_with_party_processes(tmp_path):
+    """scheme='merge' with one OS process per party over TCP, the model read from a veil folder."""
+    cfg, w = student("tiny-llama", calibrated=False)
+    folder = native.save_native(tmp_path / "m", cfg, w)
+    prompt = [3, 17, 99, 5]
+    ref = veil.load(folder).generate(prompt, max_new_tokens=5, ignore_eos=True).token_ids
+    with pytest.warns(UserWarning, match="dealer"):
+        m = veil.load(folder, scheme="merge", parties="local", timeout_s=120)
+    assert m.generate(prompt, max_new_tokens=5, ignore_eos=True).token_ids == ref

@@ -129,8 +129,7 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
     `token <id>` per generated token; every party ends with `done`."""
     import spu.libspu as libspu
 
-    from veil.model.weights import expected_shapes
-    from veil.mpc.program import params_of
+    from veil.mpc.program import param_shapes, params_of
     from veil.mpc.spu_runtime import party, spu_error
 
     if not 0 <= rank < cluster.mpc.world:
@@ -148,7 +147,7 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
         from veil.model.generate import check_prompts
 
         check_prompts(cfg, [prompt])
-    shapes = expected_shapes(cfg)
+    shapes = param_shapes(cfg)
     emit(f"linking {ROLES[rank]}")
     try:
         lctx = libspu.link.create_brpc(cluster.link_desc(), rank)

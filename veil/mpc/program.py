@@ -38,6 +38,14 @@ def params_of(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
     return out
 
 
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes of `params_of`'s output, from the public config alone (what every party
+    compiles against)."""
+    from veil.model.weights import expected_shapes
+
+    return {k.replace(".attn.const", ".attn.probs"): v for k, v in expected_shapes(cfg).items()}
+
+
 def one_hot(ids: Any, vocab: int) -> np.ndarray:
     """(B, T) token ids → (B, T, V) float32 one-hot (the client's input)."""
     ids = np.asarray(ids, dtype=np.int64)

@@ -217,6 +217,32 @@ def unpack_share(blob: bytes, what: str) -> Any:
     return share
 
 
+class Binder:
+    """Puts a party's inputs into its SPU runtime: a secret is split by its owner, who sends each
+    peer its share; a public value is bound by everyone alike."""
+
+    def __init__(self, rank: int, world: int, lctx: Any, io: Any, rt: Any) -> None:
+        self.rank, self.world, self.lctx, self.io, self.rt = rank, world, lctx, io, rt
+
+    def secret(self, name: str, value: np.ndarray | None, owner: int) -> None:
+        import spu.libspu as libspu
+
+        if self.rank == owner:
+            assert value is not None
+            shares = self.io.make_shares(value, libspu.Visibility.VIS_SECRET, owner)
+            for r in range(self.world):
+                if r != self.rank:
+                    self.lctx.send(r, pack_share(shares[r]))
+            self.rt.set_var(name, shares[self.rank])
+        else:
+            self.rt.set_var(name, unpack_share(self.lctx.recv(owner), name))
+
+    def public(self, name: str, value: np.ndarray) -> None:
+        import spu.libspu as libspu
+
+        self.rt.set_var(name, self.io.make_shares(value, libspu.Visibility.VIS_PUBLIC)[self.rank])
+
+
 @dataclass
 class PartyResult:
     tokens: list[int]            # the client's view (empty for other parties)
@@ -259,7 +285,6 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
            params: dict[str, np.ndarray] | None, prompt: list[int] | None, reveal_logits: bool,
            on_token: Callable[[int, float], None] | None) -> PartyResult:
     import spu.api as spu_api
-    import spu.libspu as libspu
 
     world = mc.world
     rc = mc.runtime_config()
@@ -298,20 +323,8 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
     head = HeadProgram(cfg, param_shapes, max_new_tokens) if resend else None
     compile_s = time.perf_counter() - t0
 
-    def share_input(name: str, value: np.ndarray | None, owner: int) -> None:
-        """`owner` splits `value` and sends each peer its share; everyone binds theirs."""
-        if rank == owner:
-            assert value is not None
-            shares = io.make_shares(value, libspu.Visibility.VIS_SECRET, owner)
-            for r in range(world):
-                if r != rank:
-                    lctx.send(r, pack_share(shares[r]))
-            rt.set_var(name, shares[rank])
-        else:
-            rt.set_var(name, unpack_share(lctx.recv(owner), name))
-
-    def public(name: str, value: np.ndarray) -> None:
-        rt.set_var(name, io.make_shares(value, libspu.Visibility.VIS_PUBLIC)[rank])
+    bind = Binder(rank, world, lctx, io, rt)
+    share_input, public = bind.secret, bind.public
 
     for n in sorted(param_shapes):
         share_input(f"p:{n}", None if params is None else np.asarray(params[n], np.float32), OWNER)
