@@ -9,8 +9,8 @@ from veil.mpc.eager import CATEGORIES
 
 def test_merge_removes_the_costs_it_claims_to_remove():
     msl = 12
-    vanilla, merge = measure("vanilla", msl, 2, base="tiny-gpt2"), measure("merge", msl, 2,
-                                                                          base="tiny-gpt2")
+    vanilla = measure("vanilla", msl, 2, timeout_s=300, base="tiny-gpt2")
+    merge = measure("merge", msl, 2, timeout_s=300, base="tiny-gpt2")
     for parties in (vanilla, merge):
         assert len(parties) == 2
         for p in parties:

@@ -94,8 +94,11 @@ def _party_main(argv: list[str]) -> None:
     res = measure_party(rank, lctx, cfg, mc, shapes, params, prompt if rank == 1 else None,
                         PREFIX, msl, steps, log)
     res["build_s"] = build_s
+    # let the link deliver this party's last messages before the process goes: exiting at once
+    # can drop an async send the peer's final step still waits for
+    lctx.stop_link()
     out.write_text(json.dumps(res))
-    os._exit(0)           # SPU's link teardown can block on a peer already gone
+    os._exit(0)           # SPU's link threads must not keep the process alive
 
 
 def measure(variant: str, msl: int, decode_steps: int = 2, timeout_s: float = 3000.0,
