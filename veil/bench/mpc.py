@@ -42,19 +42,15 @@ GPT2_BASE = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=1
 def model_for(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 0):
     """(config, owner's MPC params) of a contender: random weights, converted like a student.
     `base_name`: gpt2-base (the benchmark's shapes) or a tiny preset (the suite's test)."""
-    import torch
-
     from veil.model import zoo
-
-    base = GPT2_BASE if base_name == "gpt2-base" else zoo.preset(base_name)
     from veil.mpc.program import params_of
     from veil.variants.merge import merge, student_weights, variant_config
 
     if variant not in VARIANTS:
         raise ConfigError(f"unknown contender {variant!r} (known: {', '.join(VARIANTS)})")
+    base = GPT2_BASE if base_name == "gpt2-base" else zoo.preset(base_name)
     cfg = base.with_(max_seq_len=msl)
-    torch.manual_seed(seed)
-    w = zoo.random_weights(cfg, seed)
+    w = zoo.random_weights(cfg, seed)          # its own generator: a public seed, test weights
     if variant != "vanilla":
         scfg = variant_config(cfg, variant, msl)
         w = student_weights(cfg, w, scfg)

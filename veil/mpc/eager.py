@@ -111,23 +111,21 @@ class ProfileTail:
 
 
 class EagerSpuOps:
-    """The forward's Ops, each call one SPU program (see the module docstring). Params live in the
-    runtime as "p:<name>"; `step_begin` resets the call-site counter so decode steps share
-    programs."""
+    """The forward's Ops for one step, each call one SPU program (see the module docstring).
+    Params live in the runtime as "p:<name>". Call sites are numbered from 1 per instance, so the
+    steps that share `programs` (one instance each) reuse each other's compiled programs."""
 
     name = "spu-eager"
 
     def __init__(self, cfg: ModelConfig, runtime: Any, param_shapes: dict[str, tuple[int, ...]],
-                 ledger: CostLedger, profile: ProfileTail | None, ops_cls: type) -> None:
+                 ledger: CostLedger, profile: ProfileTail | None, ops_cls: type, capacity: int,
+                 programs: dict[tuple, tuple[Any, list[tuple[int, ...]]]]) -> None:
         self.cfg, self.rt, self.shapes, self.ledger = cfg, runtime, param_shapes, ledger
-        self.profile, self.ops_cls = profile, ops_cls
+        self.profile, self.ops_cls, self.capacity = profile, ops_cls, capacity
         self.support = ops_cls.support
-        self._programs: dict[tuple, Any] = {}
+        self._programs = programs          # call-site key → (executable, output shapes)
         self._site = 0
         self.compile_s = 0.0
-
-    def step_begin(self) -> None:
-        self._site = 0
 
     # ---- the machinery -------------------------------------------------------------------
     def _call(self, category: str, fn: Callable[..., Any], inputs: list[Var],
@@ -143,9 +141,8 @@ class EagerSpuOps:
         names = [n or f"t{self._site}.{j}" for j, (n, _) in enumerate(out_specs)]
         in_names = [f"p:{p}" for p in params] + [v.name for v in inputs]
         key = (self._site, tuple(in_names), tuple(v.shape for v in inputs), tuple(names))
-        exe = self._programs.get(key)
         f32 = jnp.float32
-        if exe is None:
+        if key not in self._programs:
             t0 = time.perf_counter()
             n_p = len(params)
 
@@ -160,10 +157,10 @@ class EagerSpuOps:
             vis = [secret] * n_p + [public if v.public else secret for v in inputs]
             exe, _ = spu_fe.compile(spu_fe.Kind.JAX, flat, tuple(specs), {}, in_names, vis,
                                     lambda outs: names)
-            self._programs[key] = exe
-            self.compile_s += time.perf_counter() - t0
             out_shapes = [tuple(o.shape) for o in jax.eval_shape(flat, *specs)]
-            self._programs[("shape",) + key] = out_shapes
+            self._programs[key] = (exe, out_shapes)
+            self.compile_s += time.perf_counter() - t0
+        exe, out_shapes = self._programs[key]
         if self.profile is not None:
             self.profile.take()                       # drop whatever preceded this call
         t0 = time.perf_counter()
@@ -171,7 +168,7 @@ class EagerSpuOps:
         seconds = time.perf_counter() - t0
         sent, actions = self.profile.take() if self.profile is not None else (0, 0)
         self.ledger.add(category, seconds, sent, actions)
-        return [Var(n, s) for n, s in zip(names, self._programs[("shape",) + key])]
+        return [Var(n, s) for n, s in zip(names, out_shapes)]
 
     def _ops(self, params: dict[str, Any]) -> Any:
         return self.ops_cls(self.cfg, params)
@@ -271,9 +268,8 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     import numpy as np
     import spu.api as spu_api
 
-    from veil.mpc.program import one_hot
-    from veil.mpc.spu_runtime import CLIENT, OWNER, Binder, SpuOps
-    from veil.model.forward import hidden_states
+    from veil.model.forward import forward, hidden_states
+    from veil.mpc.spu_runtime import CLIENT, Binder, SpuOps
 
     world = mc.world
     rc = mc.runtime_config()
@@ -281,25 +277,19 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     io = spu_api.Io(world, rc)
     rt = spu_api.Runtime(lctx, rc)
     bind = Binder(rank, world, lctx, io, rt)
-    t0 = time.perf_counter()
-    for n in sorted(param_shapes):
-        bind.secret(f"p:{n}", None if params is None else np.asarray(params[n], np.float32), OWNER)
-    share_s = time.perf_counter() - t0
-    bind.secret("x", one_hot([prompt], cfg.vocab_size) if rank == CLIENT else None, CLIENT)
-    zeros = np.zeros((1, cfg.n_kv_heads, capacity, cfg.head_dim), np.float32)
-    for i in range(cfg.n_layers):
-        bind.public(f"k{i}", zeros)
-        bind.public(f"v{i}", zeros)
+    share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity)
 
     resend = cfg.generation == "embedding_resend"
     profile = ProfileTail(log_path) if log_path is not None else None
     phases: dict[str, Any] = {}
+    programs: dict[tuple, Any] = {}
+
+    def new_ops(ledger: CostLedger) -> EagerSpuOps:
+        return EagerSpuOps(cfg, rt, param_shapes, ledger, profile, SpuOps, capacity, programs)
 
     def run_step(label: str, start: int, t_new: int, first: bool) -> None:
         ledger = CostLedger()
-        ops = EagerSpuOps(cfg, rt, param_shapes, ledger, profile, SpuOps)
-        ops.capacity = capacity
-        ops._programs = programs
+        ops = new_ops(ledger)
         bind.public("start", np.array(start, np.int32))
         bind.public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
         step = Step(Var("pos", (1, t_new), True), None, Var("start", (), True))
@@ -310,17 +300,13 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
                               embeds=None if first else x)
             h = ops._call("other", lambda p, h: h[:, -1:], [h], (), [("x", None)])[0]
         else:
-            from veil.model.forward import forward
             logits = forward(cfg, ops, Var("x", (1, t_new, cfg.vocab_size)), step, None,
                              last_only=True)
             ops.sample(logits, "x")
         wall = time.perf_counter() - t_step
-        compile_s.append(ops.compile_s)
         phases[label] = {"wall_s": wall - ops.compile_s, "compile_s": ops.compile_s,
                          "categories": ledger.snapshot()}
 
-    programs: dict[tuple, Any] = {}
-    compile_s: list[float] = []
     run_step("prompt", 0, n_prompt, True)
     for i in range(decode_steps):
         run_step(f"decode{i}", n_prompt + i, 1, False)
@@ -331,7 +317,7 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
                                                                   dtype=np.float32) * 0.1
                     if rank == CLIENT else None, CLIENT)
         ledger = CostLedger()
-        ops = EagerSpuOps(cfg, rt, param_shapes, ledger, profile, SpuOps)
+        ops = new_ops(ledger)
         t_head = time.perf_counter()
         logits = ops.lm_head(Var("hs", (1, n, cfg.d_model)))
         # the argmax is row-wise: time it on up to HEAD_ARGMAX_ROWS rows and scale seconds and

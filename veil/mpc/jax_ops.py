@@ -50,6 +50,15 @@ def rope_tables_np(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def _write(cache: list[Any], layer: int, x: Any, start: Any, n_heads: int, hd: int) -> None:
+    """Write new rows x (B, T, n_heads·hd) into a layer's cache at the public slot `start`."""
+    B, T, _ = x.shape
+    rows = x.reshape(B, T, n_heads, hd).transpose(0, 2, 1, 3)                 # (B, nkv, T, hd)
+    zero = jnp.zeros((), jnp.int32)
+    at = (zero, zero, jnp.asarray(start, jnp.int32), zero)
+    cache[layer] = jax.lax.dynamic_update_slice(cache[layer], rows.astype(cache[layer].dtype), at)
+
+
 class JaxOps:
     """Executes the forward on jax arrays in (B, T, features) layout; owns no state but the
     parameters (by canonical name) and the constant tables."""
@@ -116,12 +125,8 @@ class JaxOps:
             return self._constant_attention(layer, v, step, cache)
         B, T, _ = q.shape
         nkv, G = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
-        kn = k.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)                   # (B, nkv, T, hd)
-        vn = v.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        zero = jnp.zeros((), jnp.int32)
-        at = (zero, zero, jnp.asarray(step.start, jnp.int32), zero)
-        cache.k[layer] = jax.lax.dynamic_update_slice(cache.k[layer], kn.astype(cache.k[layer].dtype), at)
-        cache.v[layer] = jax.lax.dynamic_update_slice(cache.v[layer], vn.astype(cache.v[layer].dtype), at)
+        _write(cache.k, layer, k, step.start, nkv, hd)
+        _write(cache.v, layer, v, step.start, nkv, hd)
         keys, values = cache.k[layer], cache.v[layer]                         # (B, nkv, S, hd)
         S = keys.shape[2]
         qh = q.reshape(B, T, nkv, G, hd).transpose(0, 2, 3, 1, 4)             # (B, nkv, G, T, hd)
@@ -137,10 +142,7 @@ class JaxOps:
         cfg, hd = self.cfg, self.cfg.head_dim
         B, T, _ = v.shape
         nkv, G = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
-        vn = v.reshape(B, T, nkv, hd).transpose(0, 2, 1, 3)
-        zero = jnp.zeros((), jnp.int32)
-        at = (zero, zero, jnp.asarray(step.start, jnp.int32), zero)
-        cache.v[layer] = jax.lax.dynamic_update_slice(cache.v[layer], vn.astype(cache.v[layer].dtype), at)
+        _write(cache.v, layer, v, step.start, nkv, hd)
         values = cache.v[layer]                                               # (B, nkv, S, hd)
         S = values.shape[2]
         pos = jnp.asarray(step.positions, jnp.int32)                          # (B, T)

@@ -242,6 +242,27 @@ class Binder:
 
         self.rt.set_var(name, self.io.make_shares(value, libspu.Visibility.VIS_PUBLIC)[self.rank])
 
+    def inputs(self, cfg: ModelConfig, param_shapes: dict[str, tuple[int, ...]],
+               params: dict[str, np.ndarray] | None, prompt: list[int] | None,
+               capacity: int) -> float:
+        """A generation's starting inputs: the owner's weights ("p:<name>"), the client's one-hot
+        prompt ("x"), empty caches ("k<i>", "v<i>": public knowledge). Returns the seconds the
+        weights took to share."""
+        from veil.mpc.program import one_hot
+
+        t0 = time.perf_counter()
+        for n in sorted(param_shapes):
+            self.secret(f"p:{n}", None if params is None else np.asarray(params[n], np.float32),
+                        OWNER)
+        share_s = time.perf_counter() - t0
+        self.secret("x", one_hot([prompt], cfg.vocab_size) if self.rank == CLIENT else None,
+                    CLIENT)
+        zeros = np.zeros((1, cfg.n_kv_heads, capacity, cfg.head_dim), np.float32)
+        for i in range(cfg.n_layers):
+            self.public(f"k{i}", zeros)
+            self.public(f"v{i}", zeros)
+        return share_s
+
 
 @dataclass
 class PartyResult:
@@ -324,17 +345,8 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
     compile_s = time.perf_counter() - t0
 
     bind = Binder(rank, world, lctx, io, rt)
-    share_input, public = bind.secret, bind.public
-
-    for n in sorted(param_shapes):
-        share_input(f"p:{n}", None if params is None else np.asarray(params[n], np.float32), OWNER)
-    from veil.mpc.program import one_hot
-
-    share_input("x", one_hot([prompt], cfg.vocab_size) if rank == CLIENT else None, CLIENT)
-    zeros = np.zeros((1, cfg.n_kv_heads, capacity, cfg.head_dim), np.float32)
-    for i in range(cfg.n_layers):          # an empty cache is public knowledge
-        public(f"k{i}", zeros)
-        public(f"v{i}", zeros)
+    public = bind.public
+    bind.inputs(cfg, param_shapes, params, prompt, capacity)
 
     tokens, logits_seen, step_s = [], [], []
 
