@@ -98,3 +98,26 @@ def test_client_ends_cleanly_when_the_owner_misbehaves(mode, match, tmp_path):
         assert "ProtocolAbort" in client.stderr and len(client.stderr.strip().splitlines()) >= 1
         assert __import__("re").search(match, client.stderr), client.stderr[-500:]
     assert elapsed < 60, elapsed
+
+
+def test_parties_with_different_settings_are_refused(tmp_path):
+    """An owner given another weight_cache setting than the client's would desynchronise SEMI2K
+    (one side replays a cached mask, the other opens a fresh one): the digest in the client's
+    request stops it before anything secret moves."""
+    cluster = local_cluster(MpcConfig(), timeout_s=5)
+    files = []
+    for rank, cache in ((0, False), (1, True)):
+        f = tmp_path / f"cluster{rank}.json"
+        f.write_text(json.dumps({**cluster.to_dict(), "weight_cache": cache}))
+        files.append(f)
+    owner = subprocess.Popen(_party_command(files[0], 0, "tiny-llama", 2, None),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = subprocess.run(_party_command(files[1], 1, "tiny-llama", 2, PROMPT),
+                                capture_output=True, text=True, timeout=90)
+        _, owner_err = owner.communicate(timeout=90)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert owner.returncode == 2 and "disagree on the protocol settings" in owner_err, owner_err[-500:]
+    assert client.returncode != 0

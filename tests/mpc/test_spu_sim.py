@@ -104,3 +104,18 @@ def test_default_model_under_semi2k(default_model):
     full = default_model.logits([ids + ref[:-1]])[0].numpy()
     err = max(float(np.abs(r.logits[i].reshape(-1) - full[len(ids) - 1 + i]).max()) for i in range(2))
     assert err < 0.25, err
+
+
+def test_weight_cache_changes_no_value():
+    """SEMI2K with each weight's mask opened once (the default) and re-opened per product: the
+    same tokens, logits equal up to fixed-point noise (fresh activation masks either way)."""
+    m = veil.load("tiny-gpt2")
+    prompt = [3, 17, 99, 5]
+    params = params_of(m.cfg, m.ops.w)
+    on = simulate(m.cfg, params, prompt, 4, MpcConfig(), reveal_logits=True)
+    off = simulate(m.cfg, params, prompt, 4, MpcConfig(weight_cache=False), reveal_logits=True)
+    assert on.tokens == off.tokens
+    err = max(float(np.abs(a - b).max()) for a, b in zip(on.logits, off.logits))
+    assert err < FXP_TOL, err
+    with pytest.raises(ConfigError, match="weight_cache"):
+        MpcConfig(weight_cache="yes")

@@ -8,9 +8,12 @@ each configuration starts two party processes linked over TCP on loopback; they 
 run the prompt step and `decode_steps` decode steps with every Ops call as its own SPU program
 (veil/mpc/eager.py: per-category wall time, send bytes, send actions), and, for embedding
 resending, the LM head over all MSL − 4 kept states. Every decode step at one MSL costs the same
-(attention spans the fixed-capacity cache under a public mask), so the generation's total is
-composed: prompt step + (MSL − 4 − 1) × median decode step (+ head). The table reports the measured
-steps next to the composed totals.
+(attention spans the fixed-capacity cache under a public mask) — except that the first also opens
+the masks of weight slices the prompt's shapes did not use (the Beaver cache, docs/mpc.md) — so the
+generation's total is composed: prompt step + first decode step + (MSL − 4 − 2) × median of the
+later decode steps (+ head). The table reports the measured steps next to the composed totals.
+Without the Beaver cache (`--no-weight-cache`, the previous baseline) every step re-opens every
+weight's mask; results go to mpc_nocache.*.
 """
 
 from __future__ import annotations
@@ -61,13 +64,14 @@ def model_for(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 
 
 
 def _party_main(argv: list[str]) -> None:
-    """`python -m veil.bench.mpc party RANK VARIANT MSL PORT0 PORT1 DECODE_STEPS OUT LOG BASE`"""
+    """`python -m veil.bench.mpc party RANK VARIANT MSL PORT0 PORT1 DECODE_STEPS OUT LOG BASE
+    WEIGHT_CACHE(0|1)`"""
     import numpy as np
     import spu.libspu as libspu
 
     from veil.mpc.cluster import Cluster
     from veil.mpc.eager import measure_party
-    from veil.mpc.spu_runtime import MpcConfig
+    from veil.mpc.spu_runtime import MpcConfig, scratch_dir
 
     rank, variant, msl, p0, p1, steps = (int(argv[0]), argv[1], int(argv[2]), int(argv[3]),
                                          int(argv[4]), int(argv[5]))
@@ -76,7 +80,7 @@ def _party_main(argv: list[str]) -> None:
     lo.enable_console_logger = False
     lo.system_log_path = str(log)
     libspu.logging.setup_logging(lo)
-    mc = MpcConfig(profile=True)
+    mc = MpcConfig(profile=True, weight_cache=argv[9] == "1")
     t0 = time.perf_counter()
     cfg, params = model_for(variant, msl, argv[8])
     shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -87,8 +91,9 @@ def _party_main(argv: list[str]) -> None:
                                  "parties": [f"127.0.0.1:{p0}", f"127.0.0.1:{p1}"]})
     lctx = libspu.link.create_brpc(cluster.link_desc(), rank)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, PREFIX)]
-    res = measure_party(rank, lctx, cfg, mc, shapes, params, prompt if rank == 1 else None,
-                        PREFIX, msl, steps, log)
+    with scratch_dir():
+        res = measure_party(rank, lctx, cfg, mc, shapes, params, prompt if rank == 1 else None,
+                            PREFIX, msl, steps, log)
     res["build_s"] = build_s
     # let the link deliver this party's last messages before the process goes: exiting at once
     # can drop an async send the peer's final step still waits for
@@ -97,8 +102,8 @@ def _party_main(argv: list[str]) -> None:
     os._exit(0)           # SPU's link threads must not keep the process alive
 
 
-def measure(variant: str, msl: int, decode_steps: int = 2, timeout_s: float = 3000.0,
-            base: str = "gpt2-base") -> list[dict[str, Any]]:
+def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 3000.0,
+            base: str = "gpt2-base", weight_cache: bool = True) -> list[dict[str, Any]]:
     """Both parties' results for one contender (two processes over TCP on loopback)."""
     from veil.mpc.cluster import free_ports
 
@@ -109,9 +114,12 @@ def measure(variant: str, msl: int, decode_steps: int = 2, timeout_s: float = 30
             out, log = Path(tmp) / f"r{rank}.json", Path(tmp) / f"r{rank}.log"
             outs.append(out)
             cmd = [sys.executable, "-m", "veil.bench.mpc", "party", str(rank), variant, str(msl),
-                   str(ports[0]), str(ports[1]), str(decode_steps), str(out), str(log), base]
+                   str(ports[0]), str(ports[1]), str(decode_steps), str(out), str(log), base,
+                   str(int(weight_cache))]
+            # the parties' scratch (SPU's Beaver cache) lands in `tmp`, removed with it
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                          stderr=open(Path(tmp) / f"r{rank}.err", "w")))
+                                          stderr=open(Path(tmp) / f"r{rank}.err", "w"),
+                                          env=dict(os.environ, TMPDIR=tmp)))
         deadline = time.monotonic() + timeout_s
         for p in procs:
             try:
@@ -144,26 +152,31 @@ def compose(parties: list[dict[str, Any]], msl: int) -> dict[str, Any]:
         return p["phases"][phase]["categories"][cat][key]
 
     decodes = [k for k in parties[0]["phases"] if k.startswith("decode")]
+    # the first decode step also opens the masks of weight slices the prompt step's shapes did
+    # not use (the Beaver cache is per slice): counted once, the later steps' median n − 2 times
+    first, later = (decodes[0], decodes[1:]) if len(decodes) > 1 else (None, decodes)
     for cat in cats:
         row = {}
         for key in ("seconds", "send_bytes", "send_actions"):
             per_party = []
             for p in parties:
                 prompt = phase_total(p, "prompt", key, cat)
-                step = statistics.median(phase_total(p, d, key, cat) for d in decodes)
+                step = statistics.median(phase_total(p, d, key, cat) for d in later)
+                once = phase_total(p, first, key, cat) - step if first else 0.0
                 head = phase_total(p, "head", key, cat) if "head" in p["phases"] else 0.0
-                per_party.append(prompt + (n_gen - 1) * step + head)
+                per_party.append(prompt + once + (n_gen - 1) * step + head)
             row[key] = (per_party[1] if key == "seconds" else
                         sum(per_party) if key == "send_bytes" else max(per_party))
         out["categories"][cat] = row
     client = parties[1]["phases"]
     out["measured"] = {
         "prompt_step_s": client["prompt"]["wall_s"],
-        "decode_step_s": statistics.median(client[d]["wall_s"] for d in decodes),
+        "decode_step_s": statistics.median(client[d]["wall_s"] for d in later),
+        "first_decode_step_s": client[first]["wall_s"] if first else None,
         "head_s": client["head"]["wall_s"] if "head" in client else 0.0,
         "decode_step_bytes": statistics.median(
             sum(sum(c["send_bytes"] for c in p["phases"][d]["categories"].values())
-                for p in parties) for d in decodes),
+                for p in parties) for d in later),
         "share_weights_s": parties[1]["share_weights_s"]}
     out["total_s"] = sum(r["seconds"] for r in out["categories"].values())
     out["total_bytes"] = sum(r["send_bytes"] for r in out["categories"].values())
@@ -190,11 +203,16 @@ def _logits_to_client(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    cache = ("weights' masks opened once (Beaver cache)" if meta.get("weight_cache")
+             else "every product re-opens its weight's mask (no Beaver cache)")
+    steps = ("first decode step + (MSL − 6) × median later decode step"
+             if rows and rows[0]["measured"].get("first_decode_step_s") is not None
+             else "(MSL − 5) × median measured decode step")
     lines = [f"# MPC: vanilla vs MERGE on {meta['base']} ({meta['when']}, {meta['machine']}, "
-             "SEMI2K FM64/18, 2 parties as processes over TCP loopback)", "",
-             "Composed per generation (prefix 4, greedy, batch 1): prompt step + (MSL − 5) × "
-             "median measured decode step (+ MERGE's LM head once). Seconds are the client's "
-             "clock; GB are both parties' sends; rounds = send actions of the busier party.", "",
+             f"SEMI2K FM64/18, 2 parties as processes over TCP loopback; {cache})", "",
+             f"Composed per generation (prefix 4, greedy, batch 1): prompt step + {steps} "
+             "(+ MERGE's LM head once). Seconds are the client's clock; GB are both parties' "
+             "sends; rounds = send actions of the busier party.", "",
              "| MSL | contender | embedding s | linear s | attention s | norm s | activation s | "
              "sampling s | total s | speed-up | GB | % of vanilla comm | rounds | "
              "measured decode step s | measured prompt step s |",
@@ -219,25 +237,27 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] = VARIANTS,
-        decode_steps: int = 2, out_dir: str | Path = "benchmarks/results",
-        base: str = "gpt2-base") -> list[Path]:
+        decode_steps: int = 3, out_dir: str | Path = "benchmarks/results",
+        base: str = "gpt2-base", weight_cache: bool = True) -> list[Path]:
+    """Writes mpc.json / mpc.md (or mpc_nocache.* without the Beaver weight cache)."""
     import platform
 
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU", "base": base,
             "protocol": "semi2k", "field": "fm64", "fxp_bits": 18, "prefix": PREFIX,
-            "decode_steps_measured": decode_steps}
+            "decode_steps_measured": decode_steps, "weight_cache": weight_cache}
+    stem = "mpc" if weight_cache else "mpc_nocache"
     rows = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for msl in msls:
         for variant in variants:
-            parties = measure(variant, msl, decode_steps, base=base)
+            parties = measure(variant, msl, decode_steps, base=base, weight_cache=weight_cache)
             rows.append({"msl": msl, "contender": variant, "vocab": cfg_vocab(base),
                          **compose(parties, msl), "raw": parties})
             # written after every contender: a long sweep keeps what it measured
-            (out / "mpc.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-            (out / "mpc.md").write_text(markdown(rows, meta))
-    return [out / "mpc.json", out / "mpc.md"]
+            (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            (out / f"{stem}.md").write_text(markdown(rows, meta))
+    return [out / f"{stem}.json", out / f"{stem}.md"]
 
 
 if __name__ == "__main__":
@@ -247,7 +267,8 @@ if __name__ == "__main__":
         data = json.loads(Path(sys.argv[2]).read_text())
         Path(sys.argv[2]).with_suffix(".md").write_text(markdown(data["rows"], data["meta"]))
     else:
-        msls = tuple(int(x) for x in sys.argv[1].split(",")) if len(sys.argv) > 1 else MSLS
-        variants = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else VARIANTS
-        for p in run(msls, variants):
+        args = [a for a in sys.argv[1:] if a != "--no-weight-cache"]
+        msls = tuple(int(x) for x in args[0].split(",")) if args else MSLS
+        variants = tuple(args[1].split(",")) if len(args) > 1 else VARIANTS
+        for p in run(msls, variants, weight_cache="--no-weight-cache" not in sys.argv):
             print(f"wrote {p}")

@@ -27,7 +27,7 @@ from veil.model.config import ModelConfig
 from veil.model.generate import GenerationTrace, RowResult, SamplingConfig, check_prompts
 from veil.model.weights import Weights
 from veil.mpc.jax_ops import JaxOps
-from veil.mpc.spu_runtime import MpcConfig
+from veil.mpc.spu_runtime import MPC_KEYS, MpcConfig
 
 
 class MpcOps:
@@ -53,9 +53,8 @@ class MpcOps:
             raise ConfigError("mpc: timeout_s must be a number of seconds") from None
         if self.timeout_s <= 0:
             raise ConfigError("mpc: timeout_s must be positive")
-        keys = ("protocol", "field", "fxp_bits", "exp_iters")
         try:
-            self.mc = MpcConfig(**{k: options.pop(k) for k in keys if k in options})
+            self.mc = MpcConfig(**{k: options.pop(k) for k in MPC_KEYS if k in options})
         except TypeError as exc:
             raise ConfigError(f"mpc: {exc}") from None
         if options:

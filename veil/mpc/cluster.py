@@ -7,6 +7,9 @@ address per party in rank order — rank 0 the model owner, rank 1 the client, r
     {"protocol": "semi2k", "field": "fm64", "fxp_bits": 18, "timeout_s": 60,
      "parties": ["10.0.0.5:61530", "10.0.0.9:61531"]}
 
+(optional: "exp_iters", "weight_cache"; every party must be given the same settings — they
+compare a digest of them before anything secret moves.)
+
 Nothing assumes loopback: each host runs `veil mpc party --cluster C.json --rank R ...`.
 
 Failure handling. SPU's link raises on a receive timeout, but a peer that dies can also make it
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from veil.errors import ConfigError, ProtocolAbort
-from veil.mpc.spu_runtime import CLIENT, OWNER, MpcConfig
+from veil.mpc.spu_runtime import CLIENT, MPC_KEYS, OWNER, MpcConfig
 
 ROLES = {0: "owner", 1: "client", 2: "helper"}
 
@@ -45,12 +48,12 @@ class Cluster:
     def from_dict(raw: Any, where: str = "cluster description") -> "Cluster":
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a JSON object")
-        known = {"protocol", "field", "fxp_bits", "exp_iters", "timeout_s", "parties"}
+        known = {*MPC_KEYS, "timeout_s", "parties"}
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
         try:
-            mc = MpcConfig(**{k: raw[k] for k in ("protocol", "field", "fxp_bits", "exp_iters") if k in raw})
+            mc = MpcConfig(**{k: raw[k] for k in MPC_KEYS if k in raw})
         except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         parties = raw.get("parties")
@@ -82,7 +85,8 @@ class Cluster:
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.mpc.protocol, "field": self.mpc.field, "fxp_bits": self.mpc.fxp_bits,
-                "exp_iters": self.mpc.exp_iters, "timeout_s": self.timeout_s,
+                "exp_iters": self.mpc.exp_iters, "weight_cache": self.mpc.weight_cache,
+                "timeout_s": self.timeout_s,
                 "parties": list(self.parties)}
 
     def link_desc(self) -> Any:
@@ -130,7 +134,7 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
     import spu.libspu as libspu
 
     from veil.mpc.program import param_shapes, params_of
-    from veil.mpc.spu_runtime import party, spu_error
+    from veil.mpc.spu_runtime import party, scratch_dir, spu_error
 
     if not 0 <= rank < cluster.mpc.world:
         raise ConfigError(f"rank {rank} is not in the cluster (ranks 0..{cluster.mpc.world - 1})")
@@ -153,8 +157,9 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
         lctx = libspu.link.create_brpc(cluster.link_desc(), rank)
     except RuntimeError as exc:
         raise ProtocolAbort(f"party {rank} could not link up with its peers: {spu_error(exc)}") from None
-    party(rank, lctx, cfg, cluster.mpc, max_new_tokens, None, shapes, params, prompt,
-          on_token=lambda t, sec: emit(f"token {t} {sec:.6f}"))
+    with scratch_dir():
+        party(rank, lctx, cfg, cluster.mpc, max_new_tokens, None, shapes, params, prompt,
+              on_token=lambda t, sec: emit(f"token {t} {sec:.6f}"))
     lctx.stop_link()
     emit("done")
 
@@ -180,7 +185,8 @@ def generate_local(model: str, prompt: list[int], max_new_tokens: int, mc: MpcCo
     folder = Path(workdir or tempfile.mkdtemp(prefix="veil-mpc-"))
     cfile = folder / "cluster.json"
     cfile.write_text(json.dumps(cluster.to_dict()))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the parties' scratch (SPU's Beaver cache) goes under the folder, removed with it
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(folder))
     procs: list[subprocess.Popen] = []
     logs = []
     budget = wall_s or 120 + timeout_s * (4 + max_new_tokens)
@@ -251,6 +257,8 @@ def generate_local(model: str, prompt: list[int], max_new_tokens: int, mc: MpcCo
             p.wait()
         for log in logs:
             log.close()
+        for scratch in folder.glob("veil-spu-*"):      # a killed party's, even if logs stay
+            shutil.rmtree(scratch, ignore_errors=True)
     if len(tokens) != max_new_tokens:
         raise ProtocolAbort(f"the client reported {len(tokens)} of {max_new_tokens} tokens")
     if workdir is None:

@@ -277,7 +277,7 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     io = spu_api.Io(world, rc)
     rt = spu_api.Runtime(lctx, rc)
     bind = Binder(rank, world, lctx, io, rt)
-    share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity)
+    share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)
 
     resend = cfg.generation == "embedding_resend"
     profile = ProfileTail(log_path) if log_path is not None else None

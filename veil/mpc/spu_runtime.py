@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ from veil.mpc.program import make_head, make_resend_step, make_step
 PROTOCOLS = {"semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2), "aby3": ("ABY3", 3)}
 FIELDS = {"fm64": "FM64", "fm128": "FM128"}
 OWNER, CLIENT = 0, 1
+MPC_KEYS = ("protocol", "field", "fxp_bits", "exp_iters", "weight_cache")   # user-set MpcConfig fields
 
 
 class SpuOps(JaxOps):
@@ -83,6 +86,13 @@ class MpcConfig:
     # exp(x) ≈ (1 + x/2ⁿ)^(2ⁿ): SPU's default n = 8 is 5% off at x = −5 and 16% at −10, which
     # distorts a peaked softmax; n = 12 (four more squarings) is within 1% down to −10
     exp_iters: int = 12
+    # SEMI2K opens a Beaver-masked copy of every secret operand at every product — for a weight
+    # that is the whole matrix, every step (~1.2 GB per GPT-2-base decode step). With the cache
+    # each weight's mask is opened once per session and its triples reuse that mask with fresh
+    # masks on the activations (weight-stationary triples, SPU's Beaver cache): same values,
+    # same security (W − B is opened once instead of W − B_i many times), a fraction of the traffic.
+    # Other protocols do not open weights this way; there it changes nothing.
+    weight_cache: bool = True
     profile: bool = False       # SPU's per-op time and traffic (rank 0's log)
 
     def __post_init__(self) -> None:
@@ -93,6 +103,22 @@ class MpcConfig:
         limit = 62 if self.field == "fm128" else 30
         if not 8 <= self.fxp_bits <= limit:
             raise ConfigError(f"mpc: fxp_bits must be in [8, {limit}] for {self.field}, got {self.fxp_bits}")
+        if not isinstance(self.weight_cache, bool):
+            raise ConfigError(f"mpc: weight_cache must be true or false, got {self.weight_cache!r}")
+
+    def agreement(self, cfg: ModelConfig) -> bytes:
+        """What every party must agree on for the protocol to line up (settings that change
+        which messages flow, and the model's public shape), as a digest the parties compare
+        before anything secret moves — a mismatch would otherwise desynchronise the protocol
+        into garbage or a stall."""
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        fields = {k: v for k, v in asdict(self).items() if k != "profile"}
+        shape = {k: v for k, v in asdict(cfg).items() if k != "name"}
+        blob = json.dumps([fields, shape], sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).digest()
 
     @property
     def world(self) -> int:
@@ -183,6 +209,44 @@ class HeadProgram:
                                             self.input_names, vis, lambda outs: self.output_names)
 
 
+def cache_program(param_shapes: dict[str, tuple[int, ...]]) -> Any:
+    """The program that marks every weight variable ("p:<name>") for SPU's Beaver cache, in
+    place: SEMI2K then opens a weight's mask at its first product only, and replays the same
+    mask (with fresh activation masks) at every later one, across programs, for as long as the
+    runtime holds the variable. Run once, after the weights are bound."""
+    import spu.libspu as libspu
+    import spu.utils.frontend as spu_fe
+    from spu.experimental import make_cached_var
+
+    names = [f"p:{n}" for n in sorted(param_shapes)]
+    specs = tuple(jax.ShapeDtypeStruct(param_shapes[n], jnp.float32) for n in sorted(param_shapes))
+    exe, _ = spu_fe.compile(spu_fe.Kind.JAX, lambda *ws: tuple(make_cached_var(w) for w in ws),
+                            specs, {}, names, [libspu.Visibility.VIS_SECRET] * len(names),
+                            lambda outs: names)
+    return exe
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """Run a party inside a private scratch directory, removed afterwards. SPU's Beaver cache
+    keeps each weight's opened (public to the parties, W − B) matrix in a LevelDB it creates in
+    the process's working directory — ~8 bytes per weight, per party — and removes it only when
+    the runtime is destroyed normally; here it lands in a temporary directory (under $TMPDIR,
+    which a launcher points into its own folder) that is removed whatever happens."""
+    import os
+    import shutil
+    import tempfile
+
+    old = os.getcwd()
+    path = tempfile.mkdtemp(prefix="veil-spu-")
+    os.chdir(path)
+    try:
+        yield Path(path)
+    finally:
+        os.chdir(old)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # ---- shares over the link: raw bytes with a length-prefixed layout (never pickle) ------------
 
 def pack_share(share: Any) -> bytes:
@@ -244,16 +308,18 @@ class Binder:
 
     def inputs(self, cfg: ModelConfig, param_shapes: dict[str, tuple[int, ...]],
                params: dict[str, np.ndarray] | None, prompt: list[int] | None,
-               capacity: int) -> float:
-        """A generation's starting inputs: the owner's weights ("p:<name>"), the client's one-hot
-        prompt ("x"), empty caches ("k<i>", "v<i>": public knowledge). Returns the seconds the
-        weights took to share."""
+               capacity: int, mc: MpcConfig) -> float:
+        """A generation's starting inputs: the owner's weights ("p:<name>"), marked for the
+        Beaver cache where `mc` asks for it, the client's one-hot prompt ("x"), empty caches
+        ("k<i>", "v<i>": public knowledge). Returns the seconds the weights took to share."""
         from veil.mpc.program import one_hot
 
         t0 = time.perf_counter()
         for n in sorted(param_shapes):
             self.secret(f"p:{n}", None if params is None else np.asarray(params[n], np.float32),
                         OWNER)
+        if mc.weight_cache and mc.protocol == "semi2k":
+            self.rt.run(cache_program(param_shapes))
         share_s = time.perf_counter() - t0
         self.secret("x", one_hot([prompt], cfg.vocab_size) if self.rank == CLIENT else None,
                     CLIENT)
@@ -316,17 +382,24 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
 
     # the prompt's length and the number of new tokens are public (they fix the programs'
     # shapes); the client asks, the others accept up to their own `max_new_tokens`
+    # with a digest of the settings every party must share (`MpcConfig.agreement`)
+    agreed = mc.agreement(cfg)
     if rank == CLIENT:
         assert prompt is not None
         n_prompt, n_new = len(prompt), max_new_tokens
         for r in range(world):
             if r != CLIENT:
-                lctx.send(r, struct.pack("<II", n_prompt, n_new))
+                lctx.send(r, struct.pack("<II", n_prompt, n_new) + agreed)
     else:
         raw = lctx.recv(CLIENT)
-        if len(raw) != 8:
-            raise ProtocolAbort("malformed request from the client (prompt length, new tokens)")
-        n_prompt, n_new = struct.unpack("<II", raw)
+        if len(raw) != 8 + len(agreed):
+            raise ProtocolAbort("malformed request from the client (prompt length, new tokens, "
+                                "settings digest)")
+        if raw[8:] != agreed:
+            raise ProtocolAbort(f"party {rank} and the client disagree on the protocol settings "
+                                "or the model's shape (protocol, field, fxp_bits, exp_iters, "
+                                "weight_cache, model config): check both cluster descriptions")
+        n_prompt, n_new = struct.unpack("<II", raw[:8])
         if n_new > max_new_tokens:
             raise ProtocolAbort(f"the client asks for {n_new} new tokens, more than the "
                                 f"{max_new_tokens} this party allows")
@@ -346,7 +419,7 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
 
     bind = Binder(rank, world, lctx, io, rt)
     public = bind.public
-    bind.inputs(cfg, param_shapes, params, prompt, capacity)
+    bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)
 
     tokens, logits_seen, step_s = [], [], []
 
@@ -432,10 +505,11 @@ def simulate(cfg: ModelConfig, params: dict[str, np.ndarray], prompt: list[int],
             results[rank] = exc
 
     threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(mc.world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with scratch_dir():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     for r in range(mc.world):
         if isinstance(results.get(r), BaseException):
             raise results[r]
