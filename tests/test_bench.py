@@ -12,7 +12,7 @@ from veil.errors import ConfigError
 
 
 def test_suites_are_the_tested_ones():
-    assert set(SUITES) == {"plain-vs-hf", "tee", "mpc"}   # mpc: tests/mpc/test_costs.py
+    assert set(SUITES) == {"plain-vs-hf", "tee", "mpc", "mpc-fused"}  # tests/mpc/test_costs.py
 
 
 def test_plain_vs_hf_smoke(tmp_path):

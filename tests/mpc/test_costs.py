@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from veil.bench.mpc import compose, markdown, measure, model_for
+from veil.bench.mpc import compose, compose_fused, markdown, markdown_fused, measure, model_for
 from veil.mpc.eager import CATEGORIES
 
 
@@ -60,3 +60,31 @@ def test_weight_cache_stops_reopening_weights(vanilla):
     assert step_bytes(vanilla, "embedding") < step_bytes(off, "embedding") / 10
     # the non-linear parts do not touch weights: the same traffic either way
     assert step_bytes(vanilla, "sampling") == step_bytes(off, "sampling")
+
+
+def test_fused_programs_are_timed_as_generation_runs_them(vanilla):
+    """The fused measurement runs the step programs generation uses (one SPU program per step):
+    MERGE's decode step moves less and takes fewer rounds than vanilla's, its head is measured
+    (twice) and composed, and one fused step sends in fewer actions than the eager step's calls."""
+    msl = MSL
+    fv = measure("vanilla", msl, 2, timeout_s=300, base="tiny-gpt2", fused=True)
+    fm = measure("merge", msl, 2, timeout_s=300, base="tiny-gpt2", fused=True)
+    for parties in (fv, fm):
+        assert {"prompt", "decode0", "decode1"} <= set(parties[1]["phases"])
+    assert {"head_first", "head_again"} <= set(fm[1]["phases"]) and fm[1]["head_rows"] == msl - 4
+    assert "head_first" not in fv[1]["phases"]
+
+    def step(parties, key):
+        return parties[0]["phases"]["decode1"][key]
+    assert step(fm, "send_bytes") < step(fv, "send_bytes")
+    assert step(fm, "send_actions") < step(fv, "send_actions")
+    eager_actions = sum(c["send_actions"] for c in
+                        vanilla[0]["phases"]["decode1"]["categories"].values())
+    assert 0 < step(fv, "send_actions") <= eager_actions
+    v, m = compose_fused(fv, msl), compose_fused(fm, msl)
+    assert m["measured"]["head_s"] > 0 and v["measured"]["head_s"] == 0
+    assert v["total_bytes"] > m["total_bytes"] > 0 and v["total_s"] > 0
+    rows = [{"msl": msl, "contender": "vanilla", **v}, {"msl": msl, "contender": "merge", **m}]
+    table = markdown_fused(rows, {"when": "today", "machine": "test", "base": "tiny-gpt2",
+                                  "weight_cache": True})
+    assert "| 12 | vanilla |" in table and "1.00×" in table and "fused" in table

@@ -20,7 +20,7 @@ from typing import Any
 from veil.errors import ConfigError
 
 BENCH_PROMPT = "The history of cryptography began"
-SUITES = ("plain-vs-hf", "tee", "mpc")
+SUITES = ("plain-vs-hf", "tee", "mpc", "mpc-fused")
 
 
 def _worker(mode: str, model: str, repeats: int, new_tokens: int,
@@ -102,10 +102,10 @@ def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: 
         raise ConfigError(f"unknown benchmark suite {suite!r} (known: {', '.join(SUITES)})")
     if repeats < 1 or new_tokens < 2:
         raise ConfigError("repeats must be ≥ 1 and new_tokens ≥ 2")
-    if suite == "mpc":       # its own sweep (GPT-2-base shapes, MSL 64–512): veil/bench/mpc.py
+    if suite in ("mpc", "mpc-fused"):   # own sweeps (GPT-2-base shapes, MSL 64–512): bench/mpc.py
         from veil.bench.mpc import run
 
-        return run(out_dir=out_dir)
+        return run(out_dir=out_dir, fused=suite == "mpc-fused")
     import torch
 
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU",

@@ -14,6 +14,12 @@ generation's total is composed: prompt step + first decode step + (MSL − 4 −
 later decode steps (+ head). The table reports the measured steps next to the composed totals.
 Without the Beaver cache (`--no-weight-cache`, the previous baseline) every step re-opens every
 weight's mask; results go to mpc_nocache.*.
+
+`--fused` (suite `mpc-fused`) times the programs generation really runs — one SPU program per step
+(veil/mpc/fused_timing.py) — instead of one per Ops call: totals a user waits for, without the split
+by category; the head's 64-row program runs twice (the first run opens the table's mask for the
+head's shape) and the head over n rows is composed as first + (n / 64 − 1) × second. Results go to
+mpc_fused.*.
 """
 
 from __future__ import annotations
@@ -65,12 +71,13 @@ def model_for(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 
 
 def _party_main(argv: list[str]) -> None:
     """`python -m veil.bench.mpc party RANK VARIANT MSL PORT0 PORT1 DECODE_STEPS OUT LOG BASE
-    WEIGHT_CACHE(0|1)`"""
+    WEIGHT_CACHE(0|1) MODE(eager|fused)`"""
     import numpy as np
     import spu.libspu as libspu
 
     from veil.mpc.cluster import Cluster
     from veil.mpc.eager import measure_party
+    from veil.mpc.fused_timing import measure_fused_party
     from veil.mpc.spu_runtime import MpcConfig, scratch_dir
 
     rank, variant, msl, p0, p1, steps = (int(argv[0]), argv[1], int(argv[2]), int(argv[3]),
@@ -91,9 +98,10 @@ def _party_main(argv: list[str]) -> None:
                                  "parties": [f"127.0.0.1:{p0}", f"127.0.0.1:{p1}"]})
     lctx = libspu.link.create_brpc(cluster.link_desc(), rank)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, PREFIX)]
+    how = measure_fused_party if argv[10] == "fused" else measure_party
     with scratch_dir():
-        res = measure_party(rank, lctx, cfg, mc, shapes, params, prompt if rank == 1 else None,
-                            PREFIX, msl, steps, log)
+        res = how(rank, lctx, cfg, mc, shapes, params, prompt if rank == 1 else None, PREFIX, msl,
+                  steps, log)
     res["build_s"] = build_s
     # let the link deliver this party's last messages before the process goes: exiting at once
     # can drop an async send the peer's final step still waits for
@@ -103,8 +111,10 @@ def _party_main(argv: list[str]) -> None:
 
 
 def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 3000.0,
-            base: str = "gpt2-base", weight_cache: bool = True) -> list[dict[str, Any]]:
-    """Both parties' results for one contender (two processes over TCP on loopback)."""
+            base: str = "gpt2-base", weight_cache: bool = True,
+            fused: bool = False) -> list[dict[str, Any]]:
+    """Both parties' results for one contender (two processes over TCP on loopback): per-Ops
+    programs and costs by category, or with `fused` the step programs generation runs."""
     from veil.mpc.cluster import free_ports
 
     ports = free_ports(2)
@@ -115,7 +125,7 @@ def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 30
             outs.append(out)
             cmd = [sys.executable, "-m", "veil.bench.mpc", "party", str(rank), variant, str(msl),
                    str(ports[0]), str(ports[1]), str(decode_steps), str(out), str(log), base,
-                   str(int(weight_cache))]
+                   str(int(weight_cache)), "fused" if fused else "eager"]
             # the parties' scratch (SPU's Beaver cache) lands in `tmp`, removed with it
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                           stderr=open(Path(tmp) / f"r{rank}.err", "w"),
@@ -202,6 +212,65 @@ def _logits_to_client(r: dict[str, Any]) -> list[dict[str, Any]]:
              "total_rounds": r["total_rounds"] - drop["send_actions"] + 1}]
 
 
+def compose_fused(parties: list[dict[str, Any]], msl: int) -> dict[str, Any]:
+    """A whole generation from the fused programs' phases: prompt step + first decode step +
+    (MSL − 6) × median later decode step (+ the head over MSL − 4 rows, composed from its two
+    runs on `head_rows` rows). Time is the client's clock; bytes both parties' sends; rounds the
+    larger send-action count."""
+    n_gen = msl - PREFIX
+    decodes = [k for k in parties[0]["phases"] if k.startswith("decode")]
+    first, later = (decodes[0], decodes[1:]) if len(decodes) > 1 else (decodes[0], decodes)
+
+    def total(p: dict, key: str) -> float:
+        ph = p["phases"]
+        steps = (ph["prompt"][key] + ph[first][key]
+                 + (n_gen - 2) * statistics.median(ph[d][key] for d in later))
+        if "head_first" in ph:
+            steps += ph["head_first"][key] + (n_gen / p["head_rows"] - 1) * ph["head_again"][key]
+        return steps
+
+    client = parties[1]["phases"]
+    head_s = (client["head_first"]["wall_s"]
+              + (n_gen / parties[1]["head_rows"] - 1) * client["head_again"]["wall_s"]
+              if "head_first" in client else 0.0)
+    return {"total_s": total(parties[1], "wall_s"),
+            "total_bytes": sum(total(p, "send_bytes") for p in parties),
+            "total_rounds": max(total(p, "send_actions") for p in parties),
+            "measured": {"prompt_step_s": client["prompt"]["wall_s"],
+                         "first_decode_step_s": client[first]["wall_s"],
+                         "decode_step_s": statistics.median(client[d]["wall_s"] for d in later),
+                         "head_s": head_s, "compile_s": parties[1]["compile_s"],
+                         "share_weights_s": parties[1]["share_weights_s"]}}
+
+
+def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    cache = ("weights' masks opened once (Beaver cache)" if meta.get("weight_cache")
+             else "every product re-opens its weight's mask (no Beaver cache)")
+    lines = [f"# MPC, fused step programs: vanilla vs MERGE on {meta['base']} ({meta['when']}, "
+             f"{meta['machine']}, SEMI2K FM64/18, 2 parties as processes over TCP loopback; "
+             f"{cache})", "",
+             "The programs `veil generate --scheme mpc|merge` runs (one SPU program per step). "
+             "Composed per generation (prefix 4, greedy, batch 1): prompt step + first decode step "
+             "+ (MSL − 6) × median later decode step (+ MERGE's LM head over MSL − 4 rows: its "
+             "64-row program's first run + (rows / 64 − 1) × its second). Seconds are the client's "
+             "clock; GB are both parties' sends; rounds = send actions of the busier party.", "",
+             "| MSL | contender | prompt step s | first decode step s | later decode step s | "
+             "head s | total s | speed-up | GB | % of vanilla comm | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["msl"]: r for r in rows if r["contender"] == "vanilla"}
+    for r in rows:
+        m, v = r["measured"], base.get(r["msl"])
+        speed = v["total_s"] / r["total_s"] if v else float("nan")
+        comm = 100 * r["total_bytes"] / v["total_bytes"] if v else float("nan")
+        lines.append(f"| {r['msl']} | {r['contender']} | {m['prompt_step_s']:.2f} | "
+                     f"{m['first_decode_step_s']:.2f} | {m['decode_step_s']:.2f} | "
+                     f"{m['head_s']:.1f} | {r['total_s']:.1f} | {speed:.2f}× | "
+                     f"{r['total_bytes'] / 1e9:.2f} | {comm:.1f}% | {int(r['total_rounds'])} |")
+    lines += ["", "Goals (MERGE's paper, CrypTen on V100s): ≥ 26.5× at MSL 512, ≥ 7.75× at 128, "
+              "communication ≤ 20% of vanilla at 512. Per-category costs: mpc.md (eager).", ""]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     cache = ("weights' masks opened once (Beaver cache)" if meta.get("weight_cache")
              else "every product re-opens its weight's mask (no Beaver cache)")
@@ -238,25 +307,29 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] = VARIANTS,
         decode_steps: int = 3, out_dir: str | Path = "benchmarks/results",
-        base: str = "gpt2-base", weight_cache: bool = True) -> list[Path]:
-    """Writes mpc.json / mpc.md (or mpc_nocache.* without the Beaver weight cache)."""
+        base: str = "gpt2-base", weight_cache: bool = True, fused: bool = False) -> list[Path]:
+    """Writes mpc.json / mpc.md (mpc_fused.* with `fused`; a `_nocache` suffix without the
+    Beaver weight cache)."""
     import platform
 
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU", "base": base,
             "protocol": "semi2k", "field": "fm64", "fxp_bits": 18, "prefix": PREFIX,
-            "decode_steps_measured": decode_steps, "weight_cache": weight_cache}
-    stem = "mpc" if weight_cache else "mpc_nocache"
+            "decode_steps_measured": decode_steps, "weight_cache": weight_cache,
+            "programs": "fused" if fused else "eager"}
+    stem = "mpc" + ("_fused" if fused else "") + ("" if weight_cache else "_nocache")
+    render = markdown_fused if fused else markdown
     rows = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for msl in msls:
         for variant in variants:
-            parties = measure(variant, msl, decode_steps, base=base, weight_cache=weight_cache)
+            parties = measure(variant, msl, decode_steps, base=base, weight_cache=weight_cache,
+                              fused=fused)
             rows.append({"msl": msl, "contender": variant, "vocab": cfg_vocab(base),
-                         **compose(parties, msl), "raw": parties})
+                         **(compose_fused if fused else compose)(parties, msl), "raw": parties})
             # written after every contender: a long sweep keeps what it measured
             (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-            (out / f"{stem}.md").write_text(markdown(rows, meta))
+            (out / f"{stem}.md").write_text(render(rows, meta))
     return [out / f"{stem}.json", out / f"{stem}.md"]
 
 
@@ -265,10 +338,12 @@ if __name__ == "__main__":
         _party_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "table":       # re-render mpc.md from mpc.json
         data = json.loads(Path(sys.argv[2]).read_text())
-        Path(sys.argv[2]).with_suffix(".md").write_text(markdown(data["rows"], data["meta"]))
+        render = markdown_fused if data["meta"].get("programs") == "fused" else markdown
+        Path(sys.argv[2]).with_suffix(".md").write_text(render(data["rows"], data["meta"]))
     else:
-        args = [a for a in sys.argv[1:] if a != "--no-weight-cache"]
+        args = [a for a in sys.argv[1:] if a not in ("--no-weight-cache", "--fused")]
         msls = tuple(int(x) for x in args[0].split(",")) if args else MSLS
         variants = tuple(args[1].split(",")) if len(args) > 1 else VARIANTS
-        for p in run(msls, variants, weight_cache="--no-weight-cache" not in sys.argv):
+        for p in run(msls, variants, weight_cache="--no-weight-cache" not in sys.argv,
+                     fused="--fused" in sys.argv):
             print(f"wrote {p}")

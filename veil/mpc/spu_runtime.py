@@ -451,14 +451,8 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
         public("start", np.array(start, np.int32))
         public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
         rt.run(prog.executable)
-        # the cache and the next one-hot stay shared: re-bind them as the next step's inputs
-        for i in range(cfg.n_layers):
-            rt.set_var(f"k{i}", rt.get_var(f"ko{i}"))
-            rt.set_var(f"v{i}", rt.get_var(f"vo{i}"))
-        rt.set_var("x", rt.get_var("nx"))
-        if resend:                  # keep the state for the head; nothing is revealed yet
-            rt.set_var(f"h{step_i}", rt.get_var("nx"))
-        else:
+        carry(rt, cfg, step_i)
+        if not resend:
             reveal(["tok"] + (["logits"] if reveal_logits else []))
         step_s.append(time.perf_counter() - t_step)
         if rank == CLIENT and on_token is not None and not resend:
@@ -475,6 +469,18 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
             for i, tok in enumerate(tokens):
                 on_token(tok, step_s[i] + (head_s if i == len(tokens) - 1 else 0.0))
     return PartyResult(tokens, logits_seen, step_s, compile_s, head_s)
+
+
+def carry(rt: Any, cfg: ModelConfig, step_i: int) -> None:
+    """After step `step_i`: the caches and the next input stay secret-shared in the runtime,
+    re-bound as the next step's inputs; with embedding resending the state is also kept as
+    "h<step_i>" for the head (nothing is revealed in the loop)."""
+    for i in range(cfg.n_layers):
+        rt.set_var(f"k{i}", rt.get_var(f"ko{i}"))
+        rt.set_var(f"v{i}", rt.get_var(f"vo{i}"))
+    rt.set_var("x", rt.get_var("nx"))
+    if cfg.generation == "embedding_resend":
+        rt.set_var(f"h{step_i}", rt.get_var("nx"))
 
 
 def simulate(cfg: ModelConfig, params: dict[str, np.ndarray], prompt: list[int], max_new_tokens: int,

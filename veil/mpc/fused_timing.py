@@ -1,0 +1,90 @@
+"""Time, bytes and rounds of the fused programs: what `veil generate --scheme mpc|merge` runs.
+
+`eager.py` splits a step's cost by op category by running every Ops call as its own SPU program.
+That costs a dispatch and a link synchronisation per call (hundreds per step) and keeps SPU from
+batching work across calls, so its totals overstate what a user waits for. This module measures
+the programs generation actually runs (spu_runtime.StepProgram, HeadProgram): the prompt step,
+`decode_steps` decode steps and, with embedding resending, the LM head — whole, with no split by
+category. The bench composes a generation's total from them the same way as from the eager steps.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from veil.model.config import ModelConfig
+from veil.mpc.eager import HEAD_ARGMAX_ROWS, ProfileTail
+
+
+def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
+                        param_shapes: dict[str, tuple[int, ...]], params: dict[str, Any] | None,
+                        prompt: list[int] | None, n_prompt: int, capacity: int,
+                        decode_steps: int, log_path: Path | None) -> dict[str, Any]:
+    """One party: bind the inputs, run the prompt step and `decode_steps` decode steps of the
+    compiled step programs and, with embedding resending, the head program over
+    min(capacity − n_prompt, HEAD_ARGMAX_ROWS) kept states twice — the first run also opens the
+    table's Beaver mask for the head's shape, the second is what every further block of rows
+    costs. Each phase: this party's wall time, and its send bytes and send actions from SPU's
+    profile (when `log_path` is the party's SPU log)."""
+    import spu.api as spu_api
+
+    from veil.errors import ConfigError
+    from veil.mpc.spu_runtime import CLIENT, Binder, HeadProgram, StepProgram, carry
+
+    if decode_steps < 1 or n_prompt + decode_steps + 1 > capacity:
+        raise ConfigError(f"{decode_steps} decode steps after a {n_prompt}-token prompt do not "
+                          f"fit a capacity of {capacity}")
+    rc = mc.runtime_config()
+    rc.enable_pphlo_profile = log_path is not None
+    io = spu_api.Io(mc.world, rc)
+    rt = spu_api.Runtime(lctx, rc)
+    bind = Binder(rank, mc.world, lctx, io, rt)
+    resend = cfg.generation == "embedding_resend"
+    rows = min(capacity - n_prompt, HEAD_ARGMAX_ROWS)
+
+    t0 = time.perf_counter()
+    prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity, resend, first=True)
+    decode = StepProgram(cfg, mc, param_shapes, 1, 1, capacity, resend, first=False)
+    head = HeadProgram(cfg, param_shapes, rows) if resend else None
+    compile_s = time.perf_counter() - t0
+    share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)
+
+    profile = ProfileTail(log_path) if log_path is not None else None
+    phases: dict[str, dict[str, float]] = {}
+
+    def timed(label: str, work: Callable[[], None]) -> None:
+        if profile is not None:
+            profile.take()                        # drop whatever preceded this phase
+        t = time.perf_counter()
+        work()
+        wall = time.perf_counter() - t
+        sent, actions = profile.take() if profile is not None else (0, 0)
+        phases[label] = {"wall_s": wall, "send_bytes": sent, "send_actions": actions}
+
+    start, t_new = 0, n_prompt
+    for i in range(decode_steps + 1):
+        prog = prefill if i == 0 else decode
+
+        def step(i: int = i, prog: StepProgram = prog, start: int = start, t_new: int = t_new
+                 ) -> None:
+            bind.public("start", np.array(start, np.int32))
+            bind.public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
+            rt.run(prog.executable)
+            carry(rt, cfg, i)
+        timed("prompt" if i == 0 else f"decode{i - 1}", step)
+        start += t_new
+        t_new = 1
+    if head is not None:
+        # the loop kept h0..h{decode_steps}; the head reads `rows` states — the values do not
+        # change its cost, so the client shares stand-ins for the rest
+        stand_in = np.random.default_rng(0).standard_normal((1, 1, cfg.d_model), dtype=np.float32)
+        for j in range(decode_steps + 1, rows):
+            bind.secret(f"h{j}", 0.1 * stand_in if rank == CLIENT else None, CLIENT)
+        timed("head_first", lambda: rt.run(head.executable))
+        timed("head_again", lambda: rt.run(head.executable))
+    return {"rank": rank, "share_weights_s": share_s, "compile_s": compile_s,
+            "head_rows": rows if head is not None else 0, "phases": phases}
