@@ -46,12 +46,15 @@ def test_garbage_share_is_refused():
         unpack_share(b"\x05\x00\x00\x00garbage", "p:embed.weight")
 
 
-def test_parties_over_tcp_match_plain():
-    plain = veil.load("tiny-llama").generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
+def test_parties_over_tcp_match_plain(preset):
+    """Each family, parties as OS processes over TCP: plain's 8 greedy tokens (the logits'
+    fixed-point tolerance is checked on the same step programs in test_spu_sim.py)."""
+    plain = veil.load(preset).generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
     seen = []
-    tokens, step_s = generate_local("tiny-llama", PROMPT, 4, MpcConfig(), timeout_s=20,
+    tokens, step_s = generate_local(preset, PROMPT, 8, MpcConfig(), timeout_s=20,
                                     on_token=seen.append)
-    assert tokens == plain == seen and len(step_s) == 4 and all(t > 0 for t in step_s)
+    assert tokens == plain == seen and len(step_s) == 8 and all(t > 0 for t in step_s)
 
 
 def test_a_party_that_fails_to_start_is_named():

@@ -16,7 +16,7 @@ from veil.mpc.spu_runtime import MpcConfig, simulate
 FXP_TOL = 1e-2
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
 def test_semi2k_matches_plain(preset):
     m = veil.load(preset)
     prompt = [3, 17, 99, 5, 42, 7]
