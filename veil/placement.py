@@ -77,7 +77,9 @@ PLACEMENTS: dict[str, list[Placement]] = {
                   "use cheetah or aby3 against a distrusting owner"),
         Placement("shape of the run", "public", "prompt length, number of new tokens", "—",
                   "the lengths (the output length is fixed by the client's request)"),
-        Placement("generated token ids", "client", "the other parties' shares of each token id", "—"),
+        Placement("generated token ids (reveal='logits': each step's logits; the client "
+                  "takes the argmax and inputs its pick as a fresh secret)", "client",
+                  "the other parties' shares of each token id (or logit vector)", "—"),
     ],
     # MERGE: the same protocol on a changed model; what changes is what runs under MPC
     "merge": [
@@ -94,8 +96,9 @@ PLACEMENTS: dict[str, list[Placement]] = {
                   "masked values opened by the protocol", "—", ""),
         Placement("shape of the run", "public", "prompt length, number of new tokens", "—",
                   "the lengths (the output length is fixed by the client's request)"),
-        Placement("generated token ids", "client",
-                  "the other parties' shares of the token ids, all at the end", "—"),
+        Placement("generated token ids (reveal='logits', MERGE's own ending: the head's "
+                  "logits, which the client decodes)", "client",
+                  "the other parties' shares of the token ids (or logits), all at the end", "—"),
     ],
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from veil.bench.mpc import compose, compose_fused, markdown, markdown_fused, measure, model_for
+from veil.errors import ConfigError
 from veil.mpc.eager import CATEGORIES
 
 
@@ -88,3 +89,24 @@ def test_fused_programs_are_timed_as_generation_runs_them(vanilla):
     table = markdown_fused(rows, {"when": "today", "machine": "test", "base": "tiny-gpt2",
                                   "weight_cache": True})
     assert "| 12 | vanilla |" in table and "1.00×" in table and "fused" in table
+
+
+def test_fused_logits_to_the_client():
+    """'+logits' contenders: MERGE's head stops at the logits (no argmax under MPC: far fewer
+    rounds), and the opened logits are counted; vanilla's step sends its logits to the client
+    and gets the client's pick back as a fresh secret, outside the program — counted too."""
+    msl = MSL
+    fm = measure("merge", msl, 2, timeout_s=300, base="tiny-gpt2", fused=True)
+    fl = measure("merge+logits", msl, 2, timeout_s=300, base="tiny-gpt2", fused=True)
+    head = [p[0]["phases"]["head_again"] for p in (fm, fl)]
+    assert head[1]["send_actions"] < head[0]["send_actions"] / 5
+    vocab = 256                                    # tiny-gpt2: the owner opens (rows, V) logits
+    assert fl[0]["phases"]["head_again"]["send_bytes"] >= (msl - 4) * vocab * 8
+    vl = measure("vanilla+logits", msl, 2, timeout_s=300, base="tiny-gpt2", fused=True)
+    # per decode step: the owner's share of the logits, the client's share of its pick
+    assert vl[0]["phases"]["decode1"]["send_bytes"] >= vocab * 8
+    assert vl[1]["phases"]["decode1"]["send_bytes"] >= vocab * 8
+    with pytest.raises(ConfigError, match="fused"):
+        measure("merge+logits", msl, 2, base="tiny-gpt2")
+    with pytest.raises(ConfigError, match="contender"):
+        measure("merge+all", msl, 2, base="tiny-gpt2", fused=True)

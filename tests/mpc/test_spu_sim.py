@@ -38,7 +38,22 @@ def test_other_protocols_match_plain(protocol, n):
     assert r.tokens == ref
 
 
+def test_logits_to_the_client():
+    """reveal='logits': the step ends at the logits, the client takes the argmax and inputs the
+    next one-hot itself — the same tokens as plain, and the logits it saw are plain's."""
+    m = veil.load("tiny-qwen2")
+    prompt = [3, 17, 99, 5]
+    ref = m.generate(prompt, max_new_tokens=5, ignore_eos=True).token_ids
+    r = simulate(m.cfg, params_of(m.cfg, m.ops.w), prompt, 5, MpcConfig(reveal="logits"))
+    assert r.tokens == ref and len(r.logits) == 5
+    full = m.logits([prompt + ref[:-1]])[0].numpy()
+    err = max(float(np.abs(r.logits[i].reshape(-1) - full[len(prompt) - 1 + i]).max()) for i in range(5))
+    assert err < FXP_TOL, err
+
+
 def test_bad_settings():
+    with pytest.raises(ConfigError, match="reveal"):
+        MpcConfig(reveal="everything")
     with pytest.raises(ConfigError, match="protocol"):
         MpcConfig(protocol="gmw")
     with pytest.raises(ConfigError, match="fxp_bits"):
@@ -52,6 +67,9 @@ def test_scheme_mpc_through_the_api(parties):
     r = m.generate([5, 6, 7, 8], max_new_tokens=5, ignore_eos=True)
     assert r.token_ids == plain.generate([5, 6, 7, 8], max_new_tokens=5, ignore_eos=True).token_ids
     assert r.cost.scheme == "mpc" and r.cost.prefill_s > 0 and r.cost.decode_s > 0
+    # the client decoding revealed logits and inputting its picks (over TCP with "local")
+    ml = veil.load("tiny-gpt2", scheme="mpc", parties=parties, timeout_s=30, reveal="logits")
+    assert ml.generate([5, 6, 7, 8], max_new_tokens=3, ignore_eos=True).token_ids == r.token_ids[:3]
     with pytest.raises(veil.UnsupportedError, match="greedily"):
         m.generate([5, 6], max_new_tokens=2, temperature=0.7)
     with pytest.raises(veil.UnsupportedError, match="one prompt"):

@@ -38,7 +38,20 @@ from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 
 VARIANTS = ("vanilla", "only-er", "only-mm", "merge")
+# "+logits": the same contender with MpcConfig(reveal="logits") — the client receives the logits
+# and takes the argmax itself (MERGE's own ending; for vanilla, the client inputs its pick)
+REVEALS = ("", "+logits")
+FUSED_CONTENDERS = ("vanilla", "only-er", "only-mm", "merge", "vanilla+logits", "merge+logits")
 MSLS = (64, 128, 256, 512)
+
+
+def split_contender(name: str) -> tuple[str, str]:
+    """"merge+logits" → ("merge", "logits"); "merge" → ("merge", "tokens")."""
+    variant, _, reveal = name.partition("+")
+    if variant not in VARIANTS or reveal not in ("", "logits"):
+        raise ConfigError(f"unknown contender {name!r} (known: {', '.join(VARIANTS)}, each "
+                          "optionally with +logits)")
+    return variant, reveal or "tokens"
 PREFIX = 4
 
 GPT2_BASE = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
@@ -87,7 +100,8 @@ def _party_main(argv: list[str]) -> None:
     lo.enable_console_logger = False
     lo.system_log_path = str(log)
     libspu.logging.setup_logging(lo)
-    mc = MpcConfig(profile=True, weight_cache=argv[9] == "1")
+    variant, reveal = split_contender(variant)
+    mc = MpcConfig(profile=True, weight_cache=argv[9] == "1", reveal=reveal)
     t0 = time.perf_counter()
     cfg, params = model_for(variant, msl, argv[8])
     shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -117,6 +131,8 @@ def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 30
     programs and costs by category, or with `fused` the step programs generation runs."""
     from veil.mpc.cluster import free_ports
 
+    if split_contender(variant)[1] != "tokens" and not fused:
+        raise ConfigError("bench mpc: '+logits' contenders are timed with the fused programs only")
     ports = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="veil-bench-mpc-") as tmp:
         procs, outs = [], []
@@ -254,18 +270,35 @@ def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "+ (MSL − 6) × median later decode step (+ MERGE's LM head over MSL − 4 rows: its "
              "64-row program's first run + (rows / 64 − 1) × its second). Seconds are the client's "
              "clock; GB are both parties' sends; rounds = send actions of the busier party.", "",
+             "Contenders with `+logits` reveal the logits to the client, who takes the argmax "
+             "itself (`reveal=\"logits\"`): MERGE's own ending (the authors' code returns the "
+             "head's logits); for vanilla the client then inputs its pick as a fresh secret "
+             "one-hot. The client learns the logit vectors at its positions, not only the tokens. "
+             "Speed-up and communication are against `vanilla` (tokens only, argmax under MPC "
+             "every step: the paper's baseline); the last column against `vanilla+logits`, "
+             "where measured.", "",
              "| MSL | contender | prompt step s | first decode step s | later decode step s | "
-             "head s | total s | speed-up | GB | % of vanilla comm | rounds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "head s | total s | speed-up | GB | % of vanilla comm | rounds | "
+             "vs vanilla+logits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["msl"]: r for r in rows if r["contender"] == "vanilla"}
+    base_l = {r["msl"]: r for r in rows if r["contender"] == "vanilla+logits"}
     for r in rows:
-        m, v = r["measured"], base.get(r["msl"])
+        m, v, vl = r["measured"], base.get(r["msl"]), base_l.get(r["msl"])
         speed = v["total_s"] / r["total_s"] if v else float("nan")
         comm = 100 * r["total_bytes"] / v["total_bytes"] if v else float("nan")
+        vs_l = f"{vl['total_s'] / r['total_s']:.2f}×" if vl else "–"
         lines.append(f"| {r['msl']} | {r['contender']} | {m['prompt_step_s']:.2f} | "
                      f"{m['first_decode_step_s']:.2f} | {m['decode_step_s']:.2f} | "
                      f"{m['head_s']:.1f} | {r['total_s']:.1f} | {speed:.2f}× | "
-                     f"{r['total_bytes'] / 1e9:.2f} | {comm:.1f}% | {int(r['total_rounds'])} |")
+                     f"{r['total_bytes'] / 1e9:.2f} | {comm:.1f}% | {int(r['total_rounds'])} | "
+                     f"{vs_l} |")
+    dates = sorted({r["when"] for r in rows if "when" in r})
+    if len(dates) > 1:
+        which = {d: sorted(f"{r['contender']} @ {r['msl']}" for r in rows if r.get("when") == d)
+                 for d in dates}
+        lines += ["", "Rows measured on: " + "; ".join(f"{d}: {', '.join(w)}"
+                                                      for d, w in which.items()) + "."]
     lines += ["", "Goals (MERGE's paper, CrypTen on V100s): ≥ 26.5× at MSL 512, ≥ 7.75× at 128, "
               "communication ≤ 20% of vanilla at 512. Per-category costs: mpc.md (eager).", ""]
     return "\n".join(lines)
@@ -305,11 +338,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] = VARIANTS,
+def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] | None = None,
         decode_steps: int = 3, out_dir: str | Path = "benchmarks/results",
-        base: str = "gpt2-base", weight_cache: bool = True, fused: bool = False) -> list[Path]:
+        base: str = "gpt2-base", weight_cache: bool = True, fused: bool = False,
+        update: bool = False) -> list[Path]:
     """Writes mpc.json / mpc.md (mpc_fused.* with `fused`; a `_nocache` suffix without the
-    Beaver weight cache)."""
+    Beaver weight cache). With `update`, rows already in the JSON for other (MSL, contender)
+    pairs are kept (each row carries the date it was measured), and the measured ones replace
+    theirs."""
+    variants = variants or (FUSED_CONTENDERS if fused else VARIANTS)
     import platform
 
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU", "base": base,
@@ -318,15 +355,22 @@ def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] = VARIANTS,
             "programs": "fused" if fused else "eager"}
     stem = "mpc" + ("_fused" if fused else "") + ("" if weight_cache else "_nocache")
     render = markdown_fused if fused else markdown
-    rows = []
+    rows: list[dict[str, Any]] = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if update and (out / f"{stem}.json").is_file():
+        old = json.loads((out / f"{stem}.json").read_text())
+        rows = [{"when": old["meta"]["when"], **r} for r in old["rows"]]
+    order = {c: i for i, c in enumerate(FUSED_CONTENDERS)}
     for msl in msls:
         for variant in variants:
             parties = measure(variant, msl, decode_steps, base=base, weight_cache=weight_cache,
                               fused=fused)
+            rows = [r for r in rows if (r["msl"], r["contender"]) != (msl, variant)]
             rows.append({"msl": msl, "contender": variant, "vocab": cfg_vocab(base),
+                         "when": meta["when"],
                          **(compose_fused if fused else compose)(parties, msl), "raw": parties})
+            rows.sort(key=lambda r: (r["msl"], order.get(r["contender"], 99)))
             # written after every contender: a long sweep keeps what it measured
             (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             (out / f"{stem}.md").write_text(render(rows, meta))
@@ -341,9 +385,10 @@ if __name__ == "__main__":
         render = markdown_fused if data["meta"].get("programs") == "fused" else markdown
         Path(sys.argv[2]).with_suffix(".md").write_text(render(data["rows"], data["meta"]))
     else:
-        args = [a for a in sys.argv[1:] if a not in ("--no-weight-cache", "--fused")]
+        flags = ("--no-weight-cache", "--fused", "--update")
+        args = [a for a in sys.argv[1:] if a not in flags]
         msls = tuple(int(x) for x in args[0].split(",")) if args else MSLS
-        variants = tuple(args[1].split(",")) if len(args) > 1 else VARIANTS
+        variants = tuple(args[1].split(",")) if len(args) > 1 else None
         for p in run(msls, variants, weight_cache="--no-weight-cache" not in sys.argv,
-                     fused="--fused" in sys.argv):
+                     fused="--fused" in sys.argv, update="--update" in sys.argv):
             print(f"wrote {p}")

@@ -7,7 +7,7 @@ address per party in rank order — rank 0 the model owner, rank 1 the client, r
     {"protocol": "semi2k", "field": "fm64", "fxp_bits": 18, "timeout_s": 60,
      "parties": ["10.0.0.5:61530", "10.0.0.9:61531"]}
 
-(optional: "exp_iters", "weight_cache"; every party must be given the same settings — they
+(optional: "exp_iters", "weight_cache", "reveal"; every party must be given the same settings — they
 compare a digest of them before anything secret moves.)
 
 Nothing assumes loopback: each host runs `veil mpc party --cluster C.json --rank R ...`.
@@ -86,7 +86,7 @@ class Cluster:
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.mpc.protocol, "field": self.mpc.field, "fxp_bits": self.mpc.fxp_bits,
                 "exp_iters": self.mpc.exp_iters, "weight_cache": self.mpc.weight_cache,
-                "timeout_s": self.timeout_s,
+                "reveal": self.mpc.reveal, "timeout_s": self.timeout_s,
                 "parties": list(self.parties)}
 
     def link_desc(self) -> Any:

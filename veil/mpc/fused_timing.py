@@ -33,7 +33,8 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     import spu.api as spu_api
 
     from veil.errors import ConfigError
-    from veil.mpc.spu_runtime import CLIENT, Binder, HeadProgram, StepProgram, carry
+    from veil.mpc.program import one_hot
+    from veil.mpc.spu_runtime import CLIENT, Binder, HeadProgram, StepProgram, carry, open_to_client
 
     if decode_steps < 1 or n_prompt + decode_steps + 1 > capacity:
         raise ConfigError(f"{decode_steps} decode steps after a {n_prompt}-token prompt do not "
@@ -49,7 +50,8 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     t0 = time.perf_counter()
     prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity, resend, first=True)
     decode = StepProgram(cfg, mc, param_shapes, 1, 1, capacity, resend, first=False)
-    head = HeadProgram(cfg, param_shapes, rows) if resend else None
+    by_client = mc.reveal == "logits"
+    head = HeadProgram(cfg, param_shapes, rows, not by_client) if resend else None
     compile_s = time.perf_counter() - t0
     share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)
 
@@ -60,9 +62,13 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
         if profile is not None:
             profile.take()                        # drop whatever preceded this phase
         t = time.perf_counter()
+        before = (bind.sent_bytes, bind.sends)
         work()
         wall = time.perf_counter() - t
         sent, actions = profile.take() if profile is not None else (0, 0)
+        # plus the shares sent outside the programs (logits opened to the client, its input)
+        sent += bind.sent_bytes - before[0]
+        actions += bind.sends - before[1]
         phases[label] = {"wall_s": wall, "send_bytes": sent, "send_actions": actions}
 
     start, t_new = 0, n_prompt
@@ -74,7 +80,12 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
             bind.public("start", np.array(start, np.int32))
             bind.public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
             rt.run(prog.executable)
-            carry(rt, cfg, i)
+            carry(rt, cfg, i, next_input=not by_client)
+            if by_client and not resend:         # the client decodes and inputs its pick
+                logits = open_to_client(bind, "logits")
+                pick = None if logits is None else one_hot([[int(np.argmax(logits))]],
+                                                           cfg.vocab_size)
+                bind.secret("x", pick, CLIENT)
         timed("prompt" if i == 0 else f"decode{i - 1}", step)
         start += t_new
         t_new = 1
@@ -84,7 +95,11 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
         stand_in = np.random.default_rng(0).standard_normal((1, 1, cfg.d_model), dtype=np.float32)
         for j in range(decode_steps + 1, rows):
             bind.secret(f"h{j}", 0.1 * stand_in if rank == CLIENT else None, CLIENT)
-        timed("head_first", lambda: rt.run(head.executable))
-        timed("head_again", lambda: rt.run(head.executable))
+        def run_head() -> None:
+            rt.run(head.executable)
+            if by_client:                         # the logits go to the client, who decodes
+                open_to_client(bind, "logits")
+        timed("head_first", run_head)
+        timed("head_again", run_head)
     return {"rank": rank, "share_weights_s": share_s, "compile_s": compile_s,
             "head_rows": rows if head is not None else 0, "phases": phases}

@@ -54,9 +54,12 @@ def one_hot(ids: Any, vocab: int) -> np.ndarray:
     return out
 
 
-def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps) -> Callable[..., tuple]:
+def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps, argmax: bool = True
+              ) -> Callable[..., tuple]:
     """The step function for `cfg` (see the module docstring); `ops_cls` picks the executor's
-    hooks (plain jax, or SPU-friendly forms)."""
+    hooks (plain jax, or SPU-friendly forms). Without `argmax` the step ends at the logits
+    (params, onehot, k, v, start, positions) → (logits, k', v'): the client receives them,
+    picks the token and inputs its one-hot itself (`MpcConfig.reveal == "logits"`)."""
     check_support(ops_cls(cfg, {}), cfg)
 
     def step(params: dict[str, Any], onehot: Any, k: list[Any], v: list[Any], start: Any,
@@ -65,6 +68,8 @@ def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps) -> Callable[...,
         cache = JaxCache(list(k), list(v))
         logits = forward(cfg, ops, onehot, Step(positions, key_valid, start), cache,
                          last_only=True)[:, -1]                                  # (B, V)
+        if not argmax:
+            return logits, cache.k, cache.v
         token = jnp.argmax(logits, axis=-1)                                      # (B,)
         nxt = (jnp.arange(cfg.vocab_size)[None, :] == token[:, None]).astype(onehot.dtype)
         return nxt[:, None, :], token.astype(jnp.int32), logits, cache.k, cache.v
@@ -88,10 +93,14 @@ def make_resend_step(cfg: ModelConfig, first: bool, ops_cls: type[JaxOps] = JaxO
     return step
 
 
-def make_head(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps) -> Callable[..., tuple]:
-    """The LM head once over the kept states (B, n, d) → (tokens (B, n) int32, logits)."""
+def make_head(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps, argmax: bool = True
+              ) -> Callable[..., tuple]:
+    """The LM head once over the kept states (B, n, d) → (tokens (B, n) int32, logits), or
+    without `argmax` just (logits,) — the paper's ending: the client decodes the tokens."""
     def head(params: dict[str, Any], states: Any) -> tuple:
         logits = ops_cls(cfg, params).lm_head(states)
+        if not argmax:
+            return (logits,)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
     return head
 

@@ -28,12 +28,12 @@ import numpy as np
 from veil.errors import ConfigError, ProtocolAbort
 from veil.model.config import ModelConfig
 from veil.mpc.jax_ops import JaxOps
-from veil.mpc.program import make_head, make_resend_step, make_step
+from veil.mpc.program import make_head, make_resend_step, make_step, one_hot
 
 PROTOCOLS = {"semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2), "aby3": ("ABY3", 3)}
 FIELDS = {"fm64": "FM64", "fm128": "FM128"}
 OWNER, CLIENT = 0, 1
-MPC_KEYS = ("protocol", "field", "fxp_bits", "exp_iters", "weight_cache")   # user-set MpcConfig fields
+MPC_KEYS = ("protocol", "field", "fxp_bits", "exp_iters", "weight_cache", "reveal")   # user-set MpcConfig fields
 
 
 class SpuOps(JaxOps):
@@ -93,6 +93,13 @@ class MpcConfig:
     # same security (W − B is opened once instead of W − B_i many times), a fraction of the traffic.
     # Other protocols do not open weights this way; there it changes nothing.
     weight_cache: bool = True
+    # What the client learns. "tokens": only the generated token ids — the argmax runs under MPC
+    # (vanilla: every step, its one-hot the next step's secret input; MERGE: once, in the head).
+    # "logits": the client receives each position's logits and takes the argmax itself — MERGE's
+    # own protocol (the authors' code returns the head's logits), and for vanilla the client
+    # then inputs the next token's one-hot as a fresh secret. The client learns the logit
+    # vectors (the model's output distribution at its own positions), not just the tokens.
+    reveal: str = "tokens"
     profile: bool = False       # SPU's per-op time and traffic (rank 0's log)
 
     def __post_init__(self) -> None:
@@ -105,6 +112,8 @@ class MpcConfig:
             raise ConfigError(f"mpc: fxp_bits must be in [8, {limit}] for {self.field}, got {self.fxp_bits}")
         if not isinstance(self.weight_cache, bool):
             raise ConfigError(f"mpc: weight_cache must be true or false, got {self.weight_cache!r}")
+        if self.reveal not in ("tokens", "logits"):
+            raise ConfigError(f"mpc: reveal must be 'tokens' or 'logits', got {self.reveal!r}")
 
     def agreement(self, cfg: ModelConfig) -> bytes:
         """What every party must agree on for the protocol to line up (settings that change
@@ -144,17 +153,21 @@ class StepProgram:
     secret), "tok" (token id, revealed to the client only), "logits", caches "ko<i>", "vo<i>".
     With embedding resending (`resend`): "nx" is the last hidden state (the next input and the
     state kept for the LM head), and there is no token until `HeadProgram` runs; `first` marks the
-    prompt step, whose "x" is one-hot rows rather than a hidden state."""
+    prompt step, whose "x" is one-hot rows rather than a hidden state. With `mc.reveal ==
+    "logits"` the standard step outputs only "logits" (and the caches): the client picks the
+    token and inputs the next "x" itself."""
 
     def __init__(self, cfg: ModelConfig, mc: MpcConfig, param_shapes: dict[str, tuple[int, ...]],
                  batch: int, t_new: int, capacity: int, resend: bool = False,
                  first: bool = True) -> None:
+        argmax = mc.reveal == "tokens"
         import spu.libspu as libspu
         import spu.utils.frontend as spu_fe
 
         self.param_names = sorted(param_shapes)
         L = cfg.n_layers
-        step = (make_resend_step(cfg, first, SpuOps) if resend else make_step(cfg, SpuOps))
+        step = (make_resend_step(cfg, first, SpuOps) if resend
+                else make_step(cfg, SpuOps, argmax=argmax))
         n_p = len(self.param_names)
 
         def flat_step(*flat: Any) -> tuple:
@@ -165,6 +178,9 @@ class StepProgram:
             if resend:
                 h, k2, v2 = step(params, x, k, v, start, pos)
                 return (h, *k2, *v2)
+            if not argmax:
+                logits, k2, v2 = step(params, x, k, v, start, pos)
+                return (logits, *k2, *v2)
             nxt, tok, logits, k2, v2 = step(params, x, k, v, start, pos)
             return (nxt, tok, logits, *k2, *v2)
 
@@ -179,7 +195,8 @@ class StepProgram:
                             + [f"k{i}" for i in range(L)] + [f"v{i}" for i in range(L)] + ["start", "pos"])
         secret, public = libspu.Visibility.VIS_SECRET, libspu.Visibility.VIS_PUBLIC
         vis = [secret] * (n_p + 1 + 2 * L) + [public, public]
-        self.output_names = ((["nx"] if resend else ["nx", "tok", "logits"])
+        self.output_names = ((["nx"] if resend else ["nx", "tok", "logits"] if argmax
+                              else ["logits"])
                              + [f"ko{i}" for i in range(L)] + [f"vo{i}" for i in range(L)])
         self.executable, _ = spu_fe.compile(spu_fe.Kind.JAX, flat_step, tuple(specs), {},
                                             self.input_names, vis, lambda outs: self.output_names)
@@ -187,14 +204,16 @@ class StepProgram:
 
 class HeadProgram:
     """MERGE's LM head, once after the loop: the kept states "h0".."h{n-1}" (secret, (1, 1, d)
-    each) → "tok" (1, n) token ids (revealed to the client) and "logits"."""
+    each) → "tok" (1, n) token ids (revealed to the client) and "logits"; without `argmax` only
+    "logits" (1, n, V), which the client receives and decodes itself."""
 
-    def __init__(self, cfg: ModelConfig, param_shapes: dict[str, tuple[int, ...]], n: int) -> None:
+    def __init__(self, cfg: ModelConfig, param_shapes: dict[str, tuple[int, ...]], n: int,
+                 argmax: bool = True) -> None:
         import spu.libspu as libspu
         import spu.utils.frontend as spu_fe
 
         name = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
-        head = make_head(cfg, SpuOps)
+        head = make_head(cfg, SpuOps, argmax)
         self.input_names = [f"p:{name}"] + [f"h{i}" for i in range(n)]
 
         def flat_head(table: Any, *states: Any) -> tuple:
@@ -204,7 +223,7 @@ class HeadProgram:
         specs = ([jax.ShapeDtypeStruct(param_shapes[name], f32)]
                  + [jax.ShapeDtypeStruct((1, 1, cfg.d_model), f32)] * n)
         vis = [libspu.Visibility.VIS_SECRET] * (n + 1)
-        self.output_names = ["tok", "logits"]
+        self.output_names = ["tok", "logits"] if argmax else ["logits"]
         self.executable, _ = spu_fe.compile(spu_fe.Kind.JAX, flat_head, tuple(specs), {},
                                             self.input_names, vis, lambda outs: self.output_names)
 
@@ -287,6 +306,14 @@ class Binder:
 
     def __init__(self, rank: int, world: int, lctx: Any, io: Any, rt: Any) -> None:
         self.rank, self.world, self.lctx, self.io, self.rt = rank, world, lctx, io, rt
+        # what this party sent outside SPU's programs (shares of inputs and of opened values):
+        # bytes and messages, for cost accounting next to SPU's own link statistics
+        self.sent_bytes = self.sends = 0
+
+    def send(self, to: int, blob: bytes) -> None:
+        self.lctx.send(to, blob)
+        self.sent_bytes += len(blob)
+        self.sends += 1
 
     def secret(self, name: str, value: np.ndarray | None, owner: int) -> None:
         import spu.libspu as libspu
@@ -296,7 +323,7 @@ class Binder:
             shares = self.io.make_shares(value, libspu.Visibility.VIS_SECRET, owner)
             for r in range(self.world):
                 if r != self.rank:
-                    self.lctx.send(r, pack_share(shares[r]))
+                    self.send(r, pack_share(shares[r]))
             self.rt.set_var(name, shares[self.rank])
         else:
             self.rt.set_var(name, unpack_share(self.lctx.recv(owner), name))
@@ -312,8 +339,6 @@ class Binder:
         """A generation's starting inputs: the owner's weights ("p:<name>"), marked for the
         Beaver cache where `mc` asks for it, the client's one-hot prompt ("x"), empty caches
         ("k<i>", "v<i>": public knowledge). Returns the seconds the weights took to share."""
-        from veil.mpc.program import one_hot
-
         t0 = time.perf_counter()
         for n in sorted(param_shapes):
             self.secret(f"p:{n}", None if params is None else np.asarray(params[n], np.float32),
@@ -414,7 +439,8 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
     prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity, resend, first=True)
     decode = (StepProgram(cfg, mc, param_shapes, 1, 1, capacity, resend, first=False)
               if max_new_tokens > 1 else None)
-    head = HeadProgram(cfg, param_shapes, max_new_tokens) if resend else None
+    by_client = mc.reveal == "logits"        # the client takes the argmax of revealed logits
+    head = HeadProgram(cfg, param_shapes, max_new_tokens, not by_client) if resend else None
     compile_s = time.perf_counter() - t0
 
     bind = Binder(rank, world, lctx, io, rt)
@@ -426,22 +452,19 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
     def reveal(names: list[str]) -> None:
         """The others send the client their shares of `names`; only the client reconstructs."""
         for name in names:
-            mine = rt.get_var(name)
-            if rank != CLIENT:
-                lctx.send(CLIENT, pack_share(mine))
+            value = open_to_client(bind, name)
+            if value is None:
                 continue
-            shares = [mine if r == CLIENT else unpack_share(lctx.recv(r), name)
-                      for r in range(world)]
-            value = np.asarray(io.reconstruct(shares))
             if name == "tok":
                 got = [int(t) for t in value.reshape(-1)]
                 if any(not 0 <= t < cfg.vocab_size for t in got):
                     raise ProtocolAbort(f"revealed token(s) {got} outside the vocabulary")
                 tokens.extend(got)
-            elif resend:             # (1, n, V): one row per generated token
-                logits_seen.extend(value[0][:, None])
-            else:
-                logits_seen.append(value)
+                continue
+            rows = value[0][:, None] if resend else value[None]   # per token: (1, V)
+            logits_seen.extend(rows)
+            if by_client:
+                tokens.extend(int(np.argmax(r)) for r in rows)
 
     start, t_new = 0, n_prompt
     for step_i in range(max_new_tokens):
@@ -451,8 +474,13 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
         public("start", np.array(start, np.int32))
         public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
         rt.run(prog.executable)
-        carry(rt, cfg, step_i)
-        if not resend:
+        carry(rt, cfg, step_i, next_input=not by_client)
+        if not resend and by_client:
+            reveal(["logits"])
+            if step_i + 1 < max_new_tokens:        # the client inputs its pick, secret-shared
+                bind.secret("x", one_hot([[tokens[-1]]], cfg.vocab_size) if rank == CLIENT
+                            else None, CLIENT)
+        elif not resend:
             reveal(["tok"] + (["logits"] if reveal_logits else []))
         step_s.append(time.perf_counter() - t_step)
         if rank == CLIENT and on_token is not None and not resend:
@@ -463,7 +491,7 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
     if head is not None:
         t_head = time.perf_counter()
         rt.run(head.executable)
-        reveal(["tok"] + (["logits"] if reveal_logits else []))
+        reveal(["logits"] if by_client else ["tok"] + (["logits"] if reveal_logits else []))
         head_s = time.perf_counter() - t_head
         if rank == CLIENT and on_token is not None:
             for i, tok in enumerate(tokens):
@@ -471,13 +499,28 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
     return PartyResult(tokens, logits_seen, step_s, compile_s, head_s)
 
 
-def carry(rt: Any, cfg: ModelConfig, step_i: int) -> None:
+def open_to_client(bind: Binder, name: str) -> np.ndarray | None:
+    """The other parties send the client their shares of variable `name`; the client alone
+    reconstructs it (returned there, None elsewhere)."""
+    mine = bind.rt.get_var(name)
+    if bind.rank != CLIENT:
+        bind.send(CLIENT, pack_share(mine))
+        return None
+    shares = [mine if r == CLIENT else unpack_share(bind.lctx.recv(r), name)
+              for r in range(bind.world)]
+    return np.asarray(bind.io.reconstruct(shares))
+
+
+def carry(rt: Any, cfg: ModelConfig, step_i: int, next_input: bool = True) -> None:
     """After step `step_i`: the caches and the next input stay secret-shared in the runtime,
     re-bound as the next step's inputs; with embedding resending the state is also kept as
-    "h<step_i>" for the head (nothing is revealed in the loop)."""
+    "h<step_i>" for the head (nothing is revealed in the loop). Without `next_input` the step
+    made no next input (the client supplies it)."""
     for i in range(cfg.n_layers):
         rt.set_var(f"k{i}", rt.get_var(f"ko{i}"))
         rt.set_var(f"v{i}", rt.get_var(f"vo{i}"))
+    if not next_input and cfg.generation != "embedding_resend":
+        return
     rt.set_var("x", rt.get_var("nx"))
     if cfg.generation == "embedding_resend":
         rt.set_var(f"h{step_i}", rt.get_var("nx"))
