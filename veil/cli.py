@@ -244,8 +244,9 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
                                                  "to project onto")) -> None:
     """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused); write JSON, a markdown table (and
     a plot). mpc: MERGE's Table 1 on GPT-2-base shapes, costs by category — long (over an hour
-    here); mpc-fused: the same contenders timed as generation runs them (about 45 minutes); a
-    subset with `python -m veil.bench.mpc 64,128 vanilla,merge [--fused]`."""
+    here); mpc-fused: the same contenders timed as generation runs them, plus vanilla and MERGE
+    with the logits revealed to the client (about an hour); a subset with
+    `python -m veil.bench.mpc 64,128 vanilla,merge+logits --fused [--update]`."""
     from veil.bench.harness import run_suite
 
     paths = run_suite(suite, model=model, repeats=repeats, new_tokens=new_tokens, out_dir=out_dir,

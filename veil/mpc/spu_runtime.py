@@ -33,7 +33,8 @@ from veil.mpc.program import make_head, make_resend_step, make_step, one_hot
 PROTOCOLS = {"semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2), "aby3": ("ABY3", 3)}
 FIELDS = {"fm64": "FM64", "fm128": "FM128"}
 OWNER, CLIENT = 0, 1
-MPC_KEYS = ("protocol", "field", "fxp_bits", "exp_iters", "weight_cache", "reveal")   # user-set MpcConfig fields
+# the MpcConfig fields a user sets
+MPC_KEYS = ("protocol", "field", "fxp_bits", "exp_iters", "weight_cache", "reveal")
 
 
 class SpuOps(JaxOps):
@@ -160,9 +161,10 @@ class StepProgram:
     def __init__(self, cfg: ModelConfig, mc: MpcConfig, param_shapes: dict[str, tuple[int, ...]],
                  batch: int, t_new: int, capacity: int, resend: bool = False,
                  first: bool = True) -> None:
-        argmax = mc.reveal == "tokens"
         import spu.libspu as libspu
         import spu.utils.frontend as spu_fe
+
+        argmax = mc.reveal == "tokens"
 
         self.param_names = sorted(param_shapes)
         L = cfg.n_layers
