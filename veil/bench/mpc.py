@@ -40,9 +40,9 @@ from veil.model.config import ModelConfig
 VARIANTS = ("vanilla", "only-er", "only-mm", "merge")
 # "+logits": the same contender with MpcConfig(reveal="logits") — the client receives the logits
 # and takes the argmax itself (MERGE's own ending; for vanilla, the client inputs its pick)
-REVEALS = ("", "+logits")
 FUSED_CONTENDERS = ("vanilla", "only-er", "only-mm", "merge", "vanilla+logits", "merge+logits")
 MSLS = (64, 128, 256, 512)
+PREFIX = 4
 
 
 def split_contender(name: str) -> tuple[str, str]:
@@ -52,7 +52,7 @@ def split_contender(name: str) -> tuple[str, str]:
         raise ConfigError(f"unknown contender {name!r} (known: {', '.join(VARIANTS)}, each "
                           "optionally with +logits)")
     return variant, reveal or "tokens"
-PREFIX = 4
+
 
 GPT2_BASE = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
                         n_kv_heads=12, d_ff=3072, max_seq_len=1024, norm="layer", norm_eps=1e-5,

@@ -33,8 +33,8 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     import spu.api as spu_api
 
     from veil.errors import ConfigError
-    from veil.mpc.program import one_hot
-    from veil.mpc.spu_runtime import CLIENT, Binder, HeadProgram, StepProgram, carry, open_to_client
+    from veil.mpc.spu_runtime import (CLIENT, Binder, HeadProgram, StepProgram, carry,
+                                      input_pick, open_to_client)
 
     if decode_steps < 1 or n_prompt + decode_steps + 1 > capacity:
         raise ConfigError(f"{decode_steps} decode steps after a {n_prompt}-token prompt do not "
@@ -80,12 +80,10 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
             bind.public("start", np.array(start, np.int32))
             bind.public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
             rt.run(prog.executable)
-            carry(rt, cfg, i, next_input=not by_client)
+            carry(rt, cfg, i, prog)
             if by_client and not resend:         # the client decodes and inputs its pick
                 logits = open_to_client(bind, "logits")
-                pick = None if logits is None else one_hot([[int(np.argmax(logits))]],
-                                                           cfg.vocab_size)
-                bind.secret("x", pick, CLIENT)
+                input_pick(bind, cfg, None if logits is None else int(np.argmax(logits)))
         timed("prompt" if i == 0 else f"decode{i - 1}", step)
         start += t_new
         t_new = 1
@@ -95,6 +93,7 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
         stand_in = np.random.default_rng(0).standard_normal((1, 1, cfg.d_model), dtype=np.float32)
         for j in range(decode_steps + 1, rows):
             bind.secret(f"h{j}", 0.1 * stand_in if rank == CLIENT else None, CLIENT)
+
         def run_head() -> None:
             rt.run(head.executable)
             if by_client:                         # the logits go to the client, who decodes

@@ -476,12 +476,11 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
         public("start", np.array(start, np.int32))
         public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
         rt.run(prog.executable)
-        carry(rt, cfg, step_i, next_input=not by_client)
+        carry(rt, cfg, step_i, prog)
         if not resend and by_client:
             reveal(["logits"])
-            if step_i + 1 < max_new_tokens:        # the client inputs its pick, secret-shared
-                bind.secret("x", one_hot([[tokens[-1]]], cfg.vocab_size) if rank == CLIENT
-                            else None, CLIENT)
+            if step_i + 1 < max_new_tokens:
+                input_pick(bind, cfg, tokens[-1] if rank == CLIENT else None)
         elif not resend:
             reveal(["tok"] + (["logits"] if reveal_logits else []))
         step_s.append(time.perf_counter() - t_step)
@@ -513,15 +512,21 @@ def open_to_client(bind: Binder, name: str) -> np.ndarray | None:
     return np.asarray(bind.io.reconstruct(shares))
 
 
-def carry(rt: Any, cfg: ModelConfig, step_i: int, next_input: bool = True) -> None:
-    """After step `step_i`: the caches and the next input stay secret-shared in the runtime,
-    re-bound as the next step's inputs; with embedding resending the state is also kept as
-    "h<step_i>" for the head (nothing is revealed in the loop). Without `next_input` the step
-    made no next input (the client supplies it)."""
+def input_pick(bind: Binder, cfg: ModelConfig, token: int | None) -> None:
+    """With reveal="logits" (vanilla): the client's pick — its id on the client, None on the
+    others — becomes the next step's secret one-hot input "x"."""
+    bind.secret("x", None if token is None else one_hot([[token]], cfg.vocab_size), CLIENT)
+
+
+def carry(rt: Any, cfg: ModelConfig, step_i: int, prog: StepProgram) -> None:
+    """After step `step_i` (run by `prog`): the caches and the next input stay secret-shared in
+    the runtime, re-bound as the next step's inputs; with embedding resending the state is also
+    kept as "h<step_i>" for the head (nothing is revealed in the loop). A step that makes no
+    next input (reveal="logits", vanilla) leaves "x" to the client (`input_pick`)."""
     for i in range(cfg.n_layers):
         rt.set_var(f"k{i}", rt.get_var(f"ko{i}"))
         rt.set_var(f"v{i}", rt.get_var(f"vo{i}"))
-    if not next_input and cfg.generation != "embedding_resend":
+    if "nx" not in prog.output_names:
         return
     rt.set_var("x", rt.get_var("nx"))
     if cfg.generation == "embedding_resend":
