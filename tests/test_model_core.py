@@ -11,7 +11,7 @@ from veil.backends.plain import TorchOps
 from veil.errors import ConfigError, UnsupportedError
 from veil.model.config import PRESETS, config_from_hf
 from veil.model.zoo import random_weights
-from veil.ops import check_support
+from veil.model.ops import check_support
 
 
 def test_sharded_checkpoint_loads_identically(tmp_path):

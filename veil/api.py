@@ -16,14 +16,14 @@ import torch
 from veil.backends.plain import TorchOps
 from veil.cost import Cost, forward_flops
 from veil.errors import InputError, UnsupportedError
-from veil.model import native, zoo
-from veil.model.config import ModelConfig, load_config
+from veil.model.config import ModelConfig
+from veil.model.opening import open_model
 from veil.model.forward import forward
 from veil.model.generate import (GenerationTrace, SamplingConfig, check_prompts, generate_ids,
                                  pad_batch, padded_step)
 from veil.model.tokenizer import Tokenizer
-from veil.model.weights import Weights, load_weights
-from veil.ops import Ops, check_support
+from veil.model.weights import Weights
+from veil.model.ops import Ops, check_support
 
 SchemeBuilder = Callable[[ModelConfig, Weights, dict[str, Any]], Ops]
 
@@ -222,41 +222,6 @@ class Model:
         with torch.inference_mode():
             out = forward(self.cfg, self.ops, ids, padded_step(mask, mask), cache)
         return out.float()
-
-
-@dataclass
-class OpenedModel:
-    """A model's plaintext parts, before any scheme touches them."""
-
-    cfg: ModelConfig
-    weights: Weights
-    tokenizer: Tokenizer | None
-    folder: Path | None       # the HF folder (None for presets)
-    source: str
-
-
-def open_public(model: str | Path) -> tuple[ModelConfig, Tokenizer | None]:
-    """A model's public parts — architecture and tokenizer — without its weights (what an MPC
-    client or helper party needs)."""
-    where = zoo.resolve(model)
-    if isinstance(where, str):
-        return zoo.preset(where), None
-    cfg = native.read_config(where) if native.is_native(where) else load_config(where)
-    return cfg, (Tokenizer(where) if Tokenizer.present(where) else None)
-
-
-def open_model(model: str | Path) -> OpenedModel:
-    """Resolve and read a model (`"default"`, a tiny preset, an HF folder or a .gguf)."""
-    where = zoo.resolve(model)
-    if isinstance(where, str):
-        cfg = zoo.preset(where)
-        return OpenedModel(cfg, zoo.random_weights(cfg), None, None, where)
-    tokenizer = Tokenizer(where) if Tokenizer.present(where) else None
-    if native.is_native(where):            # a variant veil wrote (e.g. a MERGE student)
-        cfg, weights = native.load_native(where)
-        return OpenedModel(cfg, weights, tokenizer, where, str(model))
-    cfg = load_config(where)
-    return OpenedModel(cfg, load_weights(where, cfg), tokenizer, where, str(model))
 
 
 def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -> Model:

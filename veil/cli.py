@@ -275,7 +275,7 @@ def mpc_party(cluster: str = typer.Option(..., help="cluster description (JSON)"
         print(line, flush=True)
 
     try:
-        from veil.api import open_public
+        from veil.model.opening import open_public
         from veil.mpc.cluster import Cluster, run_party
 
         c = Cluster.load(Path(cluster))

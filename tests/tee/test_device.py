@@ -9,7 +9,7 @@ from veil.backends.plain import TorchOps
 from veil.errors import ProtocolAbort
 from veil.model.config import PRESETS
 from veil.model.zoo import random_weights
-from veil.ops import Step
+from veil.model.ops import Step
 from veil.tee.device import DeviceState, serve_in_thread
 from veil.tee.wire import Message
 

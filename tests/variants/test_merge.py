@@ -17,7 +17,7 @@ from veil.model.forward import forward, hidden_states
 from veil.model.generate import SamplingConfig, generate_ids
 from veil.mpc.program import generate_plaintext, params_of
 from veil.mpc.spu_runtime import MpcConfig, simulate
-from veil.ops import Step
+from veil.model.ops import Step
 from veil.variants.merge import calibrate, merge, student_weights, variant_config
 
 

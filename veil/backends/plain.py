@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from veil.model.config import ModelConfig, rope_inv_freq
 from veil.model.weights import Weights
-from veil.ops import Step
+from veil.model.ops import Step
 
 
 class KVCache:

@@ -7,7 +7,7 @@ import torch
 from veil.backends.plain import TorchOps
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.ops import Step
+from veil.model.ops import Step
 
 
 class RecordingOps(TorchOps):

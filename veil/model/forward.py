@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from veil.model.config import ModelConfig
-from veil.ops import Ops, Step
+from veil.model.ops import Ops, Step
 
 
 def block(cfg: ModelConfig, ops: Ops, i: int, x: Any, step: Step, cache: Any) -> Any:

@@ -17,7 +17,7 @@ import torch
 from veil.errors import InputError
 from veil.model.config import ModelConfig
 from veil.model.forward import forward, hidden_states
-from veil.ops import Ops, Step
+from veil.model.ops import Ops, Step
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
         raise ConfigError(f"rank {rank} is not in the cluster (ranks 0..{cluster.mpc.world - 1})")
     if (prompt is not None) != (rank == CLIENT):
         raise ConfigError("the prompt goes to the client (rank 1), and only to it")
-    from veil.api import open_model, open_public
+    from veil.model.opening import open_model, open_public
 
     if rank == OWNER:
         opened = open_model(model)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from veil.model.config import ModelConfig
 from veil.mpc.jax_ops import JaxCache
-from veil.ops import Step
+from veil.model.ops import Step
 
 HEAD_ARGMAX_ROWS = 64
 CATEGORIES = ("embedding", "linear", "attention", "norm", "activation", "sampling", "other")

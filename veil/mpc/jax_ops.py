@@ -25,7 +25,7 @@ import numpy as np
 
 from veil.backends.plain import TorchOps
 from veil.model.config import ModelConfig, rope_inv_freq
-from veil.ops import Step
+from veil.model.ops import Step
 
 
 @dataclass

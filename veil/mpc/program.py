@@ -23,7 +23,7 @@ from veil.model.config import ModelConfig
 from veil.model.forward import forward, hidden_states
 from veil.model.weights import Weights
 from veil.mpc.jax_ops import JaxCache, JaxOps
-from veil.ops import Step, check_support
+from veil.model.ops import Step, check_support
 
 
 def params_of(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def _key_for_protect(out: Path, key_file: Path | None) -> bytes:
 def protect(model: str | Path, scheme: str, out: Path, key_file: Path | None = None,
             **options: Any) -> Path:
     """Protect a model for `scheme` into a new folder `out`."""
-    from veil.api import open_model
+    from veil.model.opening import open_model
 
     if scheme not in PROTECTABLE:
         raise UnsupportedError(f"veil protect supports {', '.join(PROTECTABLE)}, not {scheme!r}")
@@ -126,7 +126,7 @@ def load_artifact(folder: Path, scheme: str, options: dict[str, Any]):
     """Run a protected artifact: unseal the enclave's secrets, check the device weights, start
     the device (its own process by default), return a `Model`."""
     from veil.api import Model
-    from veil.ops import check_support
+    from veil.model.ops import check_support
 
     try:
         info = json.loads((folder / ARTIFACT).read_text())

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from veil.backends.plain import attention_mask
 from veil.errors import ProtocolAbort
-from veil.ops import Step
+from veil.model.ops import Step
 from veil.tee.channel import ERROR_OP, Channel
 from veil.tee.wire import Message
 

@@ -25,7 +25,7 @@ import torch
 from veil.backends.plain import TorchOps
 from veil.errors import ProtocolAbort
 from veil.model.config import ModelConfig
-from veil.ops import Step
+from veil.model.ops import Step
 from veil.tee.channel import Channel
 from veil.tee.integrity import Freivalds
 from veil.tee.wire import Message

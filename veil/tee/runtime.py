@@ -15,7 +15,7 @@ import torch
 from veil.backends.recording import RecordingOps
 from veil.errors import ConfigError
 from veil.model.forward import forward
-from veil.ops import Step
+from veil.model.ops import Step
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights, read_safetensors
 from safetensors.torch import save_file

@@ -30,7 +30,7 @@ from veil.model import native, zoo
 from veil.model.config import ModelConfig
 from veil.model.forward import hidden_states
 from veil.model.weights import Weights
-from veil.ops import Step
+from veil.model.ops import Step
 from veil.train.trainer import Run, TrainSettings, batch_at, train
 from veil.variants.merge import calibrate, merge, student_weights, variant_config
 
@@ -126,7 +126,7 @@ def corpus_tokens(tokenizer, corpus: str, split: str, limit_chars: int | None = 
 def run_recipe(r: MergeRecipe, out: Path, progress: bool = True, tokens: dict | None = None
                ) -> dict:
     """The whole recipe (each stage resumes from its checkpoint); returns the quality table."""
-    from veil.api import open_model
+    from veil.model.opening import open_model
     from veil.train.quality import quality_table
 
     torch.set_default_device(r.device)

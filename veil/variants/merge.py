@@ -39,7 +39,7 @@ from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.forward import forward
 from veil.model.weights import Weights, validate
-from veil.ops import Step
+from veil.model.ops import Step
 
 VARIANTS = ("merge", "only-er", "only-mm")
 SILU_QUAD = (0.126, 0.5, 0.145)
