@@ -266,17 +266,12 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     cache under a public mask), so a generation's total is composed as prompt step +
     (generated − 1) × median decode step (+ the head)."""
     import numpy as np
-    import spu.api as spu_api
 
     from veil.model.forward import forward, hidden_states
-    from veil.mpc.spu_runtime import CLIENT, Binder, SpuOps
+    from veil.mpc.spu_runtime import CLIENT, Binder, SpuOps, step_window
 
-    world = mc.world
-    rc = mc.runtime_config()
-    rc.enable_pphlo_profile = log_path is not None
-    io = spu_api.Io(world, rc)
-    rt = spu_api.Runtime(lctx, rc)
-    bind = Binder(rank, world, lctx, io, rt)
+    bind = Binder.open(rank, lctx, mc, profile=log_path is not None)
+    rt = bind.rt
     share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)
 
     resend = cfg.generation == "embedding_resend"
@@ -287,11 +282,13 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     def new_ops(ledger: CostLedger) -> EagerSpuOps:
         return EagerSpuOps(cfg, rt, param_shapes, ledger, profile, SpuOps, capacity, programs)
 
-    def run_step(label: str, start: int, t_new: int, first: bool) -> None:
+    def run_step(i: int) -> None:
+        """Step `i` (0: the prompt) over the cache slots generation's step `i` covers."""
+        start, t_new = step_window(n_prompt, i)
+        first = i == 0
         ledger = CostLedger()
         ops = new_ops(ledger)
-        bind.public("start", np.array(start, np.int32))
-        bind.public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
+        bind.window(start, t_new)
         step = Step(Var("pos", (1, t_new), True), None, Var("start", (), True))
         t_step = time.perf_counter()
         if resend:
@@ -304,12 +301,12 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
                              last_only=True)
             ops.sample(logits, "x")
         wall = time.perf_counter() - t_step
-        phases[label] = {"wall_s": wall - ops.compile_s, "compile_s": ops.compile_s,
-                         "categories": ledger.snapshot()}
+        phases["prompt" if first else f"decode{i - 1}"] = {
+            "wall_s": wall - ops.compile_s, "compile_s": ops.compile_s,
+            "categories": ledger.snapshot()}
 
-    run_step("prompt", 0, n_prompt, True)
-    for i in range(decode_steps):
-        run_step(f"decode{i}", n_prompt + i, 1, False)
+    for i in range(decode_steps + 1):
+        run_step(i)
     if resend:
         n = capacity - n_prompt
         # the kept states' values do not change the head's cost: the client shares stand-ins

@@ -24,36 +24,25 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
                         param_shapes: dict[str, tuple[int, ...]], params: dict[str, Any] | None,
                         prompt: list[int] | None, n_prompt: int, capacity: int,
                         decode_steps: int, log_path: Path | None) -> dict[str, Any]:
-    """One party: bind the inputs, run the prompt step and `decode_steps` decode steps of the
-    compiled step programs and, with embedding resending, the head program over
+    """One party: bind the inputs, run the prompt step and `decode_steps` decode steps of a
+    generation that fills `capacity` (spu_runtime.PartySteps: the steps generation runs, with
+    what each reveals) and, with embedding resending, the head over
     min(capacity − n_prompt, HEAD_ARGMAX_ROWS) kept states twice — the first run also opens the
     table's Beaver mask for the head's shape, the second is what every further block of rows
     costs. Each phase: this party's wall time, and its send bytes and send actions from SPU's
-    profile (when `log_path` is the party's SPU log)."""
-    import spu.api as spu_api
-
+    profile (when `log_path` is the party's SPU log) plus the shares it sent outside the
+    programs."""
     from veil.errors import ConfigError
-    from veil.mpc.spu_runtime import (CLIENT, Binder, HeadProgram, StepProgram, carry,
-                                      input_pick, open_to_client)
+    from veil.mpc.spu_runtime import CLIENT, Binder, PartySteps
 
     if decode_steps < 1 or n_prompt + decode_steps + 1 > capacity:
         raise ConfigError(f"{decode_steps} decode steps after a {n_prompt}-token prompt do not "
                           f"fit a capacity of {capacity}")
-    rc = mc.runtime_config()
-    rc.enable_pphlo_profile = log_path is not None
-    io = spu_api.Io(mc.world, rc)
-    rt = spu_api.Runtime(lctx, rc)
-    bind = Binder(rank, mc.world, lctx, io, rt)
-    resend = cfg.generation == "embedding_resend"
+    bind = Binder.open(rank, lctx, mc, profile=log_path is not None)
     rows = min(capacity - n_prompt, HEAD_ARGMAX_ROWS)
-
-    t0 = time.perf_counter()
-    prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity, resend, first=True)
-    decode = StepProgram(cfg, mc, param_shapes, 1, 1, capacity, resend, first=False)
-    by_client = mc.reveal == "logits"
-    head = HeadProgram(cfg, param_shapes, rows, not by_client) if resend else None
-    compile_s = time.perf_counter() - t0
-    share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)
+    steps = PartySteps(bind, cfg, mc, param_shapes, n_prompt, capacity - n_prompt, capacity,
+                       head_rows=rows)
+    share_s = steps.share_inputs(params, prompt)
 
     profile = ProfileTail(log_path) if log_path is not None else None
     phases: dict[str, dict[str, float]] = {}
@@ -66,39 +55,20 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
         work()
         wall = time.perf_counter() - t
         sent, actions = profile.take() if profile is not None else (0, 0)
-        # plus the shares sent outside the programs (logits opened to the client, its input)
+        # plus the shares sent outside the programs (what is opened to the client, its input)
         sent += bind.sent_bytes - before[0]
         actions += bind.sends - before[1]
         phases[label] = {"wall_s": wall, "send_bytes": sent, "send_actions": actions}
 
-    start, t_new = 0, n_prompt
     for i in range(decode_steps + 1):
-        prog = prefill if i == 0 else decode
-
-        def step(i: int = i, prog: StepProgram = prog, start: int = start, t_new: int = t_new
-                 ) -> None:
-            bind.public("start", np.array(start, np.int32))
-            bind.public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
-            rt.run(prog.executable)
-            carry(rt, cfg, i, prog)
-            if by_client and not resend:         # the client decodes and inputs its pick
-                logits = open_to_client(bind, "logits")
-                input_pick(bind, cfg, None if logits is None else int(np.argmax(logits)))
-        timed("prompt" if i == 0 else f"decode{i - 1}", step)
-        start += t_new
-        t_new = 1
-    if head is not None:
+        timed("prompt" if i == 0 else f"decode{i - 1}", lambda i=i: steps.step(i))
+    if steps.head is not None:
         # the loop kept h0..h{decode_steps}; the head reads `rows` states — the values do not
         # change its cost, so the client shares stand-ins for the rest
         stand_in = np.random.default_rng(0).standard_normal((1, 1, cfg.d_model), dtype=np.float32)
         for j in range(decode_steps + 1, rows):
             bind.secret(f"h{j}", 0.1 * stand_in if rank == CLIENT else None, CLIENT)
-
-        def run_head() -> None:
-            rt.run(head.executable)
-            if by_client:                         # the logits go to the client, who decodes
-                open_to_client(bind, "logits")
-        timed("head_first", run_head)
-        timed("head_again", run_head)
-    return {"rank": rank, "share_weights_s": share_s, "compile_s": compile_s,
-            "head_rows": rows if head is not None else 0, "phases": phases}
+        timed("head_first", steps.run_head)
+        timed("head_again", steps.run_head)
+    return {"rank": rank, "share_weights_s": share_s, "compile_s": steps.compile_s,
+            "head_rows": rows if steps.head is not None else 0, "phases": phases}

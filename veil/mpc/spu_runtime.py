@@ -239,6 +239,17 @@ class Binder:
         # bytes and messages, for cost accounting next to SPU's own link statistics
         self.sent_bytes = self.sends = 0
 
+    @staticmethod
+    def open(rank: int, lctx: Any, mc: MpcConfig, profile: bool) -> "Binder":
+        """A party's SPU runtime and I/O over link `lctx`. The runtime's protocol set-up talks to
+        the peers, so every party opens it at the same point of its exchange. `profile`: SPU's
+        per-op time and traffic in its log."""
+        import spu.api as spu_api
+
+        rc = mc.runtime_config()
+        rc.enable_pphlo_profile = rc.enable_hal_profile = profile
+        return Binder(rank, mc.world, lctx, spu_api.Io(mc.world, rc), spu_api.Runtime(lctx, rc))
+
     def send(self, to: int, blob: bytes) -> None:
         self.lctx.send(to, blob)
         self.sent_bytes += len(blob)
@@ -261,6 +272,12 @@ class Binder:
         import spu.libspu as libspu
 
         self.rt.set_var(name, self.io.make_shares(value, libspu.Visibility.VIS_PUBLIC)[self.rank])
+
+    def window(self, start: int, t_new: int) -> None:
+        """A step's public inputs: the cache slot it starts at ("start") and the positions of its
+        `t_new` tokens ("pos")."""
+        self.public("start", np.array(start, np.int32))
+        self.public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
 
     def inputs(self, cfg: ModelConfig, param_shapes: dict[str, tuple[int, ...]],
                params: dict[str, np.ndarray] | None, prompt: list[int] | None,
@@ -325,14 +342,8 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
            capacity: int | None, param_shapes: dict[str, tuple[int, ...]],
            params: dict[str, np.ndarray] | None, prompt: list[int] | None, reveal_logits: bool,
            on_token: Callable[[int, float], None] | None) -> PartyResult:
-    import spu.api as spu_api
-
     world = mc.world
-    rc = mc.runtime_config()
-    if rank != OWNER:
-        rc.enable_pphlo_profile = rc.enable_hal_profile = False
-    io = spu_api.Io(world, rc)
-    rt = spu_api.Runtime(lctx, rc)
+    bind = Binder.open(rank, lctx, mc, profile=mc.profile and rank == OWNER)
 
     # the prompt's length and the number of new tokens are public (they fix the programs'
     # shapes); the client asks, the others accept up to their own `max_new_tokens`
@@ -361,70 +372,112 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
     if n_prompt < 1 or n_new < 1 or n_prompt + n_new > capacity or n_prompt + n_new > cfg.max_seq_len:
         raise ProtocolAbort(f"a prompt of {n_prompt} tokens plus {n_new} new ones does not fit "
                             f"(capacity {capacity}, model maximum {cfg.max_seq_len})")
-    max_new_tokens = n_new
 
-    resend = cfg.generation == "embedding_resend"
-    t0 = time.perf_counter()
-    prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity, resend, first=True)
-    decode = (StepProgram(cfg, mc, param_shapes, 1, 1, capacity, resend, first=False)
-              if max_new_tokens > 1 else None)
-    by_client = mc.reveal == "logits"        # the client takes the argmax of revealed logits
-    head = HeadProgram(cfg, param_shapes, max_new_tokens, not by_client) if resend else None
-    compile_s = time.perf_counter() - t0
+    steps = PartySteps(bind, cfg, mc, param_shapes, n_prompt, n_new, capacity,
+                       reveal_logits=reveal_logits)
+    steps.share_inputs(params, prompt)
+    step_s = []
+    for i in range(n_new):
+        t_step = time.perf_counter()
+        steps.step(i)
+        step_s.append(time.perf_counter() - t_step)
+        if rank == CLIENT and on_token is not None and not steps.resend:
+            on_token(steps.tokens[-1], step_s[-1])
+    head_s = 0.0
+    if steps.head is not None:
+        t_head = time.perf_counter()
+        steps.run_head()
+        head_s = time.perf_counter() - t_head
+        if rank == CLIENT and on_token is not None:
+            for i, tok in enumerate(steps.tokens):
+                on_token(tok, step_s[i] + (head_s if i == len(steps.tokens) - 1 else 0.0))
+    return PartyResult(steps.tokens, steps.logits, step_s, steps.compile_s, head_s)
 
-    bind = Binder(rank, world, lctx, io, rt)
-    public = bind.public
-    bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)
 
-    tokens, logits_seen, step_s = [], [], []
+def step_window(n_prompt: int, i: int) -> tuple[int, int]:
+    """(first cache slot, new tokens) of step `i`: the prompt step fills slots 0 .. n_prompt − 1,
+    every later step one slot after it."""
+    return (0, n_prompt) if i == 0 else (n_prompt + i - 1, 1)
 
-    def reveal(names: list[str]) -> None:
+
+class PartySteps:
+    """One party's generation as steps over its runtime: the compiled programs, and what each
+    step does around its program — bind the public window (`step_window`), run, `carry` the
+    outputs into the next step's inputs, and reveal to the client what `mc.reveal` says (vanilla
+    with reveal="logits": the client's pick becomes the next secret input, `input_pick`).
+    Generation (`party`) and the fused timing (fused_timing.py) both run these steps, so the
+    timing measures what generation runs.
+
+    `n_new`: the generation's new tokens (its last step makes no next input); `head_rows`: the
+    kept states MERGE's head reads (default `n_new`); `reveal_logits`: the client also
+    reconstructs the logits where only tokens are revealed (tests compare them with plain).
+    The client's tokens and reconstructed logits accumulate in `tokens` and `logits`."""
+
+    def __init__(self, bind: Binder, cfg: ModelConfig, mc: MpcConfig,
+                 param_shapes: dict[str, tuple[int, ...]], n_prompt: int, n_new: int,
+                 capacity: int, head_rows: int | None = None, reveal_logits: bool = False) -> None:
+        self.bind, self.cfg, self.mc, self.param_shapes = bind, cfg, mc, param_shapes
+        self.n_prompt, self.n_new, self.capacity = n_prompt, n_new, capacity
+        self.resend = cfg.generation == "embedding_resend"
+        self.by_client = mc.reveal == "logits"       # the client takes the argmax of the logits
+        self.reveal_logits = reveal_logits
+        t0 = time.perf_counter()
+        self.prefill = StepProgram(cfg, mc, param_shapes, 1, n_prompt, capacity, self.resend,
+                                   first=True)
+        self.decode = (StepProgram(cfg, mc, param_shapes, 1, 1, capacity, self.resend,
+                                   first=False) if n_new > 1 else None)
+        self.head = (HeadProgram(cfg, param_shapes, head_rows or n_new, not self.by_client)
+                     if self.resend else None)
+        self.compile_s = time.perf_counter() - t0
+        self.tokens: list[int] = []
+        self.logits: list[np.ndarray] = []
+
+    def share_inputs(self, params: dict[str, np.ndarray] | None, prompt: list[int] | None) -> float:
+        """The owner's weights, the client's prompt, empty caches (`Binder.inputs`); returns the
+        seconds the weights took to share."""
+        return self.bind.inputs(self.cfg, self.param_shapes, params, prompt, self.capacity,
+                                self.mc)
+
+    def step(self, i: int) -> None:
+        """Step `i` (0: the prompt) and what it reveals; vanilla's tokens land in `tokens`."""
+        prog = self.prefill if i == 0 else self.decode
+        assert prog is not None
+        self.bind.window(*step_window(self.n_prompt, i))
+        self.bind.rt.run(prog.executable)
+        carry(self.bind.rt, self.cfg, i, prog)
+        if self.resend:                # nothing leaves the runtime until the head
+            return
+        if self.by_client:
+            self._reveal(["logits"])
+            if i + 1 < self.n_new:
+                mine = self.tokens[-1] if self.bind.rank == CLIENT else None
+                input_pick(self.bind, self.cfg, mine)
+        else:
+            self._reveal(["tok"] + (["logits"] if self.reveal_logits else []))
+
+    def run_head(self) -> None:
+        """MERGE's LM head over the kept states "h0".. and what it reveals."""
+        assert self.head is not None
+        self.bind.rt.run(self.head.executable)
+        self._reveal(["logits"] if self.by_client
+                     else ["tok"] + (["logits"] if self.reveal_logits else []))
+
+    def _reveal(self, names: list[str]) -> None:
         """The others send the client their shares of `names`; only the client reconstructs."""
         for name in names:
-            value = open_to_client(bind, name)
+            value = open_to_client(self.bind, name)
             if value is None:
                 continue
             if name == "tok":
                 got = [int(t) for t in value.reshape(-1)]
-                if any(not 0 <= t < cfg.vocab_size for t in got):
+                if any(not 0 <= t < self.cfg.vocab_size for t in got):
                     raise ProtocolAbort(f"revealed token(s) {got} outside the vocabulary")
-                tokens.extend(got)
+                self.tokens.extend(got)
                 continue
-            rows = value[0][:, None] if resend else value[None]   # per token: (1, V)
-            logits_seen.extend(rows)
-            if by_client:
-                tokens.extend(int(np.argmax(r)) for r in rows)
-
-    start, t_new = 0, n_prompt
-    for step_i in range(max_new_tokens):
-        prog = prefill if step_i == 0 else decode
-        assert prog is not None
-        t_step = time.perf_counter()
-        public("start", np.array(start, np.int32))
-        public("pos", np.arange(start, start + t_new, dtype=np.int32)[None])
-        rt.run(prog.executable)
-        carry(rt, cfg, step_i, prog)
-        if not resend and by_client:
-            reveal(["logits"])
-            if step_i + 1 < max_new_tokens:
-                input_pick(bind, cfg, tokens[-1] if rank == CLIENT else None)
-        elif not resend:
-            reveal(["tok"] + (["logits"] if reveal_logits else []))
-        step_s.append(time.perf_counter() - t_step)
-        if rank == CLIENT and on_token is not None and not resend:
-            on_token(tokens[-1], step_s[-1])
-        start += t_new
-        t_new = 1
-    head_s = 0.0
-    if head is not None:
-        t_head = time.perf_counter()
-        rt.run(head.executable)
-        reveal(["logits"] if by_client else ["tok"] + (["logits"] if reveal_logits else []))
-        head_s = time.perf_counter() - t_head
-        if rank == CLIENT and on_token is not None:
-            for i, tok in enumerate(tokens):
-                on_token(tok, step_s[i] + (head_s if i == len(tokens) - 1 else 0.0))
-    return PartyResult(tokens, logits_seen, step_s, compile_s, head_s)
+            rows = value[0][:, None] if self.resend else value[None]   # per token: (1, V)
+            self.logits.extend(rows)
+            if self.by_client:
+                self.tokens.extend(int(np.argmax(r)) for r in rows)
 
 
 def open_to_client(bind: Binder, name: str) -> np.ndarray | None:
