@@ -16,13 +16,13 @@ undoes the V transform on the output.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from veil.backends.plain import TorchOps
+from veil.csprng import SecretRng
 from veil.errors import ProtocolAbort
 from veil.model.config import ModelConfig
 from veil.model.ops import Step
@@ -52,20 +52,14 @@ class LinearProtocol(Protocol):
         """Rows of an obfuscated table (embeddings) → the true rows."""
 
 
-def csprng_perm(n: int) -> torch.Tensor:
-    """A uniformly random permutation of range(n) from the OS CSPRNG (Fisher–Yates)."""
-    p = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = secrets.randbelow(i + 1)
-        p[i], p[j] = p[j], p[i]
-    return torch.tensor(p, dtype=torch.long)
+def _orthogonal(n: int, kind: str, rng: SecretRng) -> torch.Tensor:
+    """A secret n×n orthogonal matrix: Haar-random (`rotate`) or a uniform permutation (`permute`).
 
-
-def _orthogonal(n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """A secret n×n orthogonal matrix: Haar-random (`rotate`) or a permutation (`permute`)."""
+    QR of a Gaussian matrix alone is not Haar (its Q depends on LAPACK's sign convention for R);
+    scaling Q's columns by sign(diag R) makes R's diagonal positive, and then Q is Haar."""
     if kind == "permute":
-        return torch.eye(n)[csprng_perm(n)]
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        return torch.eye(n)[rng.perm(n)]
+    q, r = torch.linalg.qr(rng.randn(n, n, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
@@ -94,9 +88,9 @@ class HeadMixing:
         object.__setattr__(self, "rotates", bool(((self.r != 0) & (self.r != 1)).any()))
 
     @staticmethod
-    def sample(cfg: ModelConfig, kind: str = "rotate",
-               calib: dict[str, torch.Tensor] | None = None, tol: float = 0.05) -> "HeadMixing":
-        """Draw a layer's transform from the CSPRNG.
+    def sample(cfg: ModelConfig, kind: str = "rotate", calib: dict[str, torch.Tensor] | None = None,
+               tol: float = 0.05, rng: SecretRng | None = None) -> "HeadMixing":
+        """Draw a layer's transform from `rng` (a fresh `SecretRng` when None).
 
         calib: true q, k, v rows (N, features) of this layer on calibration input. A random
         orthogonal matrix aligns by chance with the data's dominant directions (|cos| between a
@@ -105,9 +99,9 @@ class HeadMixing:
         from the true tensors, not just scrambled. The constraint is one scalar per matrix."""
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G = nh // nkv
-        gen = torch.Generator().manual_seed(secrets.randbits(63))
-        sigma = csprng_perm(nkv)                      # slot j ← true KV head sigma[j]
-        q_heads = torch.cat([sigma[j] * G + csprng_perm(G) for j in range(nkv)])
+        rng = SecretRng() if rng is None else rng
+        sigma = rng.perm(nkv)                         # slot j ← true KV head sigma[j]
+        q_heads = torch.cat([sigma[j] * G + rng.perm(G) for j in range(nkv)])
 
         def cross(x: torch.Tensor, n_heads: int, slots: torch.Tensor) -> list[torch.Tensor]:
             """Per true head g: Σ over slots holding g of (slot's true rows)ᵀ(g's rows), normalised."""
@@ -121,7 +115,7 @@ class HeadMixing:
         def draw(constraints: list[torch.Tensor]) -> torch.Tensor:
             best, best_score = None, float("inf")
             for _ in range(200):
-                m = _orthogonal(hd, kind, gen)
+                m = _orthogonal(hd, kind, rng)
                 score = max((float((c * m.double().t()).sum().abs()) for c in constraints), default=0.0)
                 if score < best_score:
                     best, best_score = m, score
@@ -136,8 +130,8 @@ class HeadMixing:
             R = [draw([ck[g], cq[g]]) for g in range(nkv)]
             S = [draw([cv[g]]) for g in range(nkv)]
         else:
-            R = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
-            S = [_orthogonal(hd, kind, gen) for _ in range(nkv)]
+            R = [_orthogonal(hd, kind, rng) for _ in range(nkv)]
+            S = [_orthogonal(hd, kind, rng) for _ in range(nkv)]
         # stored in slot order: slot j holds true KV group sigma[j]
         return HeadMixing(q_heads, sigma, torch.stack([R[g] for g in sigma.tolist()]),
                           torch.stack([S[g] for g in sigma.tolist()]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from veil.csprng import SecretRng
 from veil.errors import IntegrityError
 
 # relative to Σ|terms|: an honest float32 device stays near 4e-8 of it (measured on the default
@@ -21,16 +22,16 @@ REL_TOL = 2e-6
 
 class Freivalds:
     def __init__(self, matrices: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
-                 gen: torch.Generator) -> None:
+                 rng: SecretRng) -> None:
         self.r: dict[str, torch.Tensor] = {}
         self.u: dict[str, torch.Tensor] = {}
         for name, w in matrices.items():                               # w: (out, in)
-            r = torch.randn(w.shape[0], generator=gen, dtype=torch.float64)
+            r = rng.randn(w.shape[0], dtype=torch.float64)
             self.r[name], self.u[name] = r, r @ w.double()            # (out,), (in,)
         self.table_w: dict[str, torch.Tensor] = {}
         self.table_proj: dict[str, torch.Tensor] = {}
         for name, t in tables.items():                                 # t: (rows, d)
-            w = torch.randn(t.shape[1], generator=gen, dtype=torch.float64)
+            w = rng.randn(t.shape[1], dtype=torch.float64)
             self.table_w[name], self.table_proj[name] = w, t.double() @ w
 
     def check_linear(self, name: str, x_dev: torch.Tensor, y_dev: torch.Tensor) -> None:

@@ -23,8 +23,6 @@ code's setting, kept for the attacks) holds its few rows in the enclave.
 
 from __future__ import annotations
 
-import math
-import os
 import struct
 import time
 from dataclasses import dataclass
@@ -33,9 +31,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from veil.csprng import Keystream, gaussian_f32, new_key
 from veil.errors import IntegrityError
 
 STORE_PREFIX = "pads."      # device tensor holding matrix n's sealed product rows: "pads.<n>"
@@ -55,14 +53,13 @@ class PadCost:
 
 
 class PadStream:
-    """Unit Gaussian pad rows from AES-CTR keystream: row i of group k is a pure function of
-    (key, epoch, k, i), so it is regenerated instead of stored. (CTR is computed as AES-ECB of
-    the counter blocks, with one long-lived cipher context: a new CTR context per row costs more
-    than the row.)"""
+    """Unit Gaussian pad rows from AES-CTR keystream (veil/csprng.py's `Keystream` and float32
+    Box–Muller): row i of group k is a pure function of (key, epoch, k, i), so it is regenerated
+    instead of stored. Counter block: epoch u32 | group u32 | block index u64 (group indices stay
+    far below 0xFFFFFFFF, the value `SecretRng` reserves)."""
 
     def __init__(self) -> None:
-        self.key = os.urandom(32)
-        self._ecb = Cipher(algorithms.AES(self.key), modes.ECB()).encryptor()
+        self.keystream = Keystream()
 
     @staticmethod
     def stride(dim: Any) -> Any:
@@ -82,17 +79,7 @@ class PadStream:
         blocks = np.empty((int(nblocks.sum()), 2), dtype=">u8")   # counter block: epoch|group|index
         blocks[:, 0] = (np.int64(epoch) << 32) | groups[seg]
         blocks[:, 1] = (starts * strides)[seg] + np.arange(len(seg)) - first[seg]
-        words = np.frombuffer(self._ecb.update(blocks.tobytes()), dtype=np.uint32)
-        # Box–Muller on 24-bit uniforms in float32 (numpy's float64 trig is ~4× slower), word
-        # pairs (2m, 2m+1) → values (2m, 2m+1); u1 in (0, 1] (top + 0.5 may round up to 2^24
-        # for the largest words: then r = 0, finite), so the log is finite
-        top = (words >> 8).astype(np.float32)
-        r = np.sqrt(np.float32(-2.0) * np.log((top[0::2] + np.float32(0.5)) * np.float32(2.0 ** -24)))
-        theta = top[1::2] * np.float32(2 * math.pi * 2.0 ** -24)
-        z = np.empty_like(top)
-        np.multiply(r, np.cos(theta), out=z[0::2])
-        np.multiply(r, np.sin(theta), out=z[1::2])
-        zt = torch.from_numpy(z)
+        zt = torch.from_numpy(gaussian_f32(self.keystream.words(blocks)))
         bounds = zip((first * 4).tolist(), (strides * 4).tolist(), dims.tolist())
         return [zt[a:a + n * w].view(n, w)[:, :d] for a, w, d in bounds]
 
@@ -117,7 +104,7 @@ class PadPool:
         self.in_dim = {g: weight_of(names[0]).shape[1] for g, names in groups.items()}
         self.cost = PadCost()
         self.stream = PadStream()
-        self.aead = AESGCM(os.urandom(32))
+        self.aead = AESGCM(new_key())
         self.epoch = 0
         self.capacity = 0
         self.cursor = {g: 0 for g in groups}

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from veil.backends.recording import RecordingOps
+from veil.csprng import SecretRng
 from veil.errors import ConfigError
 from veil.model.forward import forward
 from veil.model.ops import Step
@@ -25,8 +26,8 @@ from veil.tee.process import DeviceHandle, SafetensorsReader
 from veil.tee.enclave import EnclaveOps, HeadMixing
 from veil.tee.integrity import Freivalds
 from veil.tee.pads import PadPool
-from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, input_groups, make_factors, masked_matrices, masked_weights,
-                                   secret_generator)
+from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, input_groups,
+                                   make_factors, masked_matrices, masked_weights)
 
 
 DEVICE_OPTIONS = ("record_view", "device", "device_threads", "device_cpus")
@@ -37,11 +38,12 @@ def enclave_parameters(cfg: ModelConfig, weights: Weights) -> dict[str, torch.Te
     return {k: v for k, v in weights.items() if "norm" in k or k.endswith(".bias")}
 
 
-def attention_calibration(cfg: ModelConfig, weights: Weights,
+def attention_calibration(cfg: ModelConfig, weights: Weights, rng: SecretRng,
                           tokens: int = 32) -> list[dict[str, torch.Tensor]]:
-    """True q, k, v rows per layer on random tokens (what `HeadMixing.sample` decorrelates from)."""
-    gen = secret_generator()
-    ids = torch.randint(0, cfg.vocab_size, (2, min(tokens, cfg.max_seq_len)), generator=gen)
+    """True q, k, v rows per layer on random tokens (what `HeadMixing.sample` decorrelates from).
+    The tokens come from `rng`: the mixings are chosen against these rows, so a device that knew
+    them would learn which transforms were rejected."""
+    ids = rng.randint(0, cfg.vocab_size, (2, min(tokens, cfg.max_seq_len)))
     rec = RecordingOps(cfg, weights)
     with torch.inference_mode():
         forward(cfg, rec, ids, Step(torch.arange(ids.shape[1]).expand_as(ids), None, 0),
@@ -104,10 +106,11 @@ def protect_loro(cfg: ModelConfig, weights: Weights,
                  options: dict[str, Any]) -> tuple[LoroSecrets, dict[str, torch.Tensor]]:
     """The offline step (in the TEE, at the owner's): secrets to seal, and the device's weights."""
     lcfg, mixing = _loro_options(dict(options))
-    bank = make_factors(cfg, weights, lcfg, secret_generator())
+    rng = SecretRng()
+    bank = make_factors(cfg, weights, lcfg, rng)
     device_weights = masked_weights(cfg, weights, bank)
-    calib = attention_calibration(cfg, weights)
-    perms = [HeadMixing.sample(cfg, mixing, calib[i]) for i in range(cfg.n_layers)]
+    calib = attention_calibration(cfg, weights, rng)
+    perms = [HeadMixing.sample(cfg, mixing, calib[i], rng=rng) for i in range(cfg.n_layers)]
     return LoroSecrets(lcfg, mixing, bank, enclave_parameters(cfg, weights), perms), device_weights
 
 
@@ -125,8 +128,9 @@ def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, device: DeviceHandle,
     if verify:
         names = masked_matrices(cfg)
         tables = ["embed"] + (["pos_embed"] if cfg.position == "learned" else [])
+        # a key of its own: the checks are drawn per run, after the protected secrets were sealed
         verifier = Freivalds({n: weight_of(n) for n in names}, {n: weight_of(n) for n in tables},
-                             secret_generator())
+                             SecretRng())
     return TeeModelOps(cfg, dict(secrets_.local), protocol, secrets_.perms, device.channel, "loro",
                        verifier=verifier, device=device, bank=secrets_.bank, pool=pool)
 

@@ -12,13 +12,13 @@ Key: 32 bytes, from a key file (raw or hex) or the environment variable VEIL_SEA
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from veil.csprng import new_key
 from veil.errors import ConfigError, IntegrityError, ProtocolAbort
 from veil.tee.wire import Message, decode, encode
 
@@ -27,10 +27,6 @@ VERSION = 1
 KEY_ENV = "VEIL_SEAL_KEY"
 # a sealed file holds every secret tensor of a model (hundreds); it is authenticated before parsing
 _SEALED_LIMITS = {"max_header": 1 << 26, "max_tensors": 1 << 20}
-
-
-def new_key() -> bytes:
-    return secrets.token_bytes(32)
 
 
 def write_key(path: Path) -> bytes:
@@ -76,7 +72,7 @@ def seal(tensors: dict[str, torch.Tensor], key: bytes, purpose: str,
     names = list(tensors)
     frame = encode(Message(purpose, {"names": names, "meta": meta or {}}, [tensors[n] for n in names]),
                    max_header=_SEALED_LIMITS["max_header"])
-    nonce = secrets.token_bytes(12)
+    nonce = os.urandom(12)
     header = MAGIC + bytes([VERSION])
     return header + nonce + AESGCM(key).encrypt(nonce, frame, header + purpose.encode())
 

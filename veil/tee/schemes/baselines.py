@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from veil.backends.plain import TorchOps
+from veil.csprng import SecretRng
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.enclave import HeadMixing, csprng_perm
+from veil.tee.enclave import HeadMixing
 from veil.tee.process import DeviceHandle
 from veil.tee.runtime import DEVICE_OPTIONS, TeeModelOps, start_device
-from veil.tee.schemes.loro import input_groups, secret_generator
+from veil.tee.schemes.loro import input_groups
 
 BASELINES = ("tlg", "soter", "nnsplitter", "shadownet")
 
@@ -68,22 +69,22 @@ class Obfuscation:
         return None if self.perm_out is None else torch.argsort(self.perm_out)
 
 
-def _obfuscation(scheme: str, w: torch.Tensor, gen: torch.Generator, mask_fraction: float) -> Obfuscation:
+def _obfuscation(scheme: str, w: torch.Tensor, rng: SecretRng, mask_fraction: float) -> Obfuscation:
     out_dim, in_dim = w.shape
     if scheme == "tlg":
-        return Obfuscation(out_dim, csprng_perm(in_dim), csprng_perm(out_dim), 1.0)
+        return Obfuscation(out_dim, rng.perm(in_dim), rng.perm(out_dim), 1.0)
     if scheme == "soter":
-        mu = float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)) * (1 if torch.rand((), generator=gen) < 0.5 else -1)
+        mu = float(rng.uniform((), 0.5, 2.0, dtype=torch.float64)) * rng.sign()
         return Obfuscation(out_dim, None, None, mu)
     if scheme == "nnsplitter":
         k = max(1, int(mask_fraction * w.numel()))
         flat = w.abs().reshape(-1).topk(k).indices
         idx = torch.stack([flat // in_dim, flat % in_dim], dim=1)
-        val = w.reshape(-1)[flat].abs().mean() * torch.randn(k, generator=gen) * 4
+        val = w.reshape(-1)[flat].abs().mean() * rng.randn(k) * 4
         return Obfuscation(out_dim, None, None, 1.0, idx, val)
     if scheme == "shadownet":
-        scale = torch.empty(out_dim).uniform_(0.5, 2.0, generator=gen)
-        return Obfuscation(out_dim, csprng_perm(in_dim), csprng_perm(out_dim), scale)
+        scale = rng.uniform(out_dim, 0.5, 2.0)
+        return Obfuscation(out_dim, rng.perm(in_dim), rng.perm(out_dim), scale)
     raise ConfigError(f"unknown baseline {scheme!r}")
 
 
@@ -131,22 +132,21 @@ class BaselineProtocol:
         raise AssertionError("baselines keep tables in the enclave")
 
 
-def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]):
-    """(device weights, per-matrix obfuscations, names computed in the enclave)."""
+def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any],
+                     rng: SecretRng):
+    """(device weights, per-matrix obfuscations, names computed in the enclave), every secret
+    drawn from `rng`."""
     if scheme not in BASELINES:
         raise ConfigError(f"unknown baseline {scheme!r}")
     share = float(options.pop("enclave_share", 0.2 if scheme == "soter" else 0.0))
     mask_fraction = float(options.pop("mask_fraction", 0.01))
     if options:
         raise ConfigError(f"{scheme}: unknown options {sorted(options)}")
-    gen = secret_generator()
-    from veil.tee.schemes.loro import input_groups
-
     # the LM head and embedding tables stay in the enclave; a share of the layers' input groups too
     groups = {g: m for g, m in input_groups(cfg).items() if g.startswith("layers.")}
     keys = list(groups)
     n_local = int(round(share * len(keys)))
-    local = {n for i in csprng_perm(len(keys))[:n_local].tolist() for n in groups[keys[i]]}
+    local = {n for i in rng.perm(len(keys))[:n_local].tolist() for n in groups[keys[i]]}
     obf: dict[str, Obfuscation] = {}
     device: dict[str, torch.Tensor] = {}
     for g, members in groups.items():
@@ -154,7 +154,7 @@ def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: d
         for n in members:
             if n in local:
                 continue
-            o = _obfuscation(scheme, weights[f"{n}.weight"], gen, mask_fraction)
+            o = _obfuscation(scheme, weights[f"{n}.weight"], rng, mask_fraction)
             if shared_in is None:
                 shared_in = o.perm_in
             o.perm_in = shared_in       # one input permutation per input group
@@ -249,12 +249,14 @@ class BaselineSecrets:
 
 def protect_baseline_secrets(scheme: str, cfg: ModelConfig, weights: Weights,
                              options: dict[str, Any]) -> tuple[BaselineSecrets, dict[str, torch.Tensor]]:
-    """The offline step: the enclave's secrets and the device's weights."""
-    device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, options)
+    """The offline step: the enclave's secrets and the device's weights (one `SecretRng`, fresh
+    key, for all of them)."""
+    rng = SecretRng()
+    device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, options, rng)
     keep = {"embed.weight", "pos_embed.weight", "lm_head.weight"}
     enclave = {k: v for k, v in weights.items()
                if "norm" in k or k.endswith(".bias") or k in keep or k.rsplit(".", 1)[0] in local_names}
-    perms = ([HeadMixing.sample(cfg, "permute") for _ in range(cfg.n_layers)] if scheme == "tlg"
+    perms = ([HeadMixing.sample(cfg, "permute", rng=rng) for _ in range(cfg.n_layers)] if scheme == "tlg"
              else [])
     return BaselineSecrets(scheme, enclave, obf, local_names, perms), device_weights
 

@@ -31,21 +31,16 @@ float64.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from veil.csprng import SecretRng
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
 from veil.tee.pads import PadPool
-
-
-def secret_generator() -> torch.Generator:
-    """A torch generator seeded from the OS CSPRNG (never a global seed)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 @dataclass(frozen=True)
@@ -106,15 +101,16 @@ def _shape(weights: Weights, name: str) -> tuple[int, int]:
 
 
 def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
-                 gen: torch.Generator) -> FactorBank:
+                 rng: SecretRng) -> FactorBank:
+    """Step 1's secrets: Gaussian factors (a bank and each matrix's coefficients, or independent
+    B, A per matrix when `lcfg.bank` is 0) and each matrix's γ, all drawn from `rng`."""
     r = lcfg.rank
     bank = FactorBank(rank=r)
     names = masked_matrices(cfg)
     if lcfg.bank == 0:
         for n in names:
             i, o = _shape(weights, n)
-            bank.direct[n] = (torch.randn(i, r, generator=gen),
-                              torch.randn(r, o, generator=gen), 1.0)
+            bank.direct[n] = (rng.randn(i, r), rng.randn(r, o), 1.0)
     else:
         uses_in: dict[int, int] = {}
         uses_out: dict[int, int] = {}
@@ -124,15 +120,13 @@ def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
             uses_out[o] = uses_out.get(o, 0) + 1
         # a bank never larger than the number of matrices that draw from it
         for dim, uses in uses_in.items():
-            bank.bank_b[dim] = torch.randn(min(lcfg.bank, uses), dim, r, generator=gen)
+            bank.bank_b[dim] = rng.randn(min(lcfg.bank, uses), dim, r)
         for dim, uses in uses_out.items():
-            bank.bank_a[dim] = torch.randn(min(lcfg.bank, uses), r, dim, generator=gen)
+            bank.bank_a[dim] = rng.randn(min(lcfg.bank, uses), r, dim)
         for n in names:
             i, o = _shape(weights, n)
-            alpha = torch.cat([torch.tensor([float(i)]),
-                               torch.randn(len(bank.bank_b[i]), generator=gen)])
-            beta = torch.cat([torch.tensor([float(o)]),
-                              torch.randn(len(bank.bank_a[o]), generator=gen)])
+            alpha = torch.cat([torch.tensor([float(i)]), rng.randn(len(bank.bank_b[i]))])
+            beta = torch.cat([torch.tensor([float(o)]), rng.randn(len(bank.bank_a[o]))])
             bank.coef[n] = (alpha, beta, 1.0)
     # γ so that the mask dominates the weight: ‖γ(BA)ᵀ‖ = mask_ratio·‖W‖, with the sign that makes
     # ⟨W, γ(BA)ᵀ⟩ ≤ 0: then |cos(W', W)| ≤ 1/√(1+mask_ratio²) however a small matrix's random
