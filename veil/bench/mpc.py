@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from veil.errors import ConfigError
-from veil.model.config import ModelConfig
+from veil.errors import ConfigError, ProtocolAbort, VeilError
+from veil.model.config import PRESETS, ModelConfig
+from veil.mpc.cluster import Cluster, PartyProcess, free_ports, run_local, wait_parties
 
 VARIANTS = ("vanilla", "only-er", "only-mm", "merge")
 # "+logits": the same contender with MpcConfig(reveal="logits") — the client receives the logits
@@ -82,83 +84,166 @@ def model_for(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 
     return cfg, params_of(cfg, w)
 
 
-def _party_main(argv: list[str]) -> None:
-    """`python -m veil.bench.mpc party RANK VARIANT MSL PORT0 PORT1 DECODE_STEPS OUT LOG BASE
-    WEIGHT_CACHE(0|1) MODE(eager|fused)`"""
+@dataclass(frozen=True)
+class PartySpec:
+    """What one bench party runs. The launcher writes it as JSON and the party reads it back
+    (`python -m veil.bench.mpc party SPEC.json`); both sides construct it, so both validate."""
+
+    rank: int                   # 0 the owner, 1 the client
+    contender: str              # a VARIANTS name, with "+logits" for reveal="logits" (fused only)
+    msl: int                    # max sequence length: the cache's capacity
+    parties: tuple[str, ...]    # "host:port" of rank 0 and rank 1
+    decode_steps: int           # decode steps measured after the prompt step
+    out: str                    # where the party writes its result (JSON)
+    log: str                    # SPU's log: its profile gives send bytes and actions per op
+    base: str                   # "gpt2-base" (the benchmark's shapes) or a tiny preset
+    weight_cache: bool          # SPU's Beaver cache for the weights (MpcConfig.weight_cache)
+    mode: str                   # "eager" (one program per Ops call) or "fused" (generation's)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"bench mpc party spec: {name}: {why}")
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not integer(self.rank) or self.rank not in (0, 1):
+            raise bad("rank", f"must be 0 (owner) or 1 (client), got {self.rank!r}")
+        if self.mode not in ("eager", "fused"):
+            raise bad("mode", f"must be 'eager' or 'fused', got {self.mode!r}")
+        if not isinstance(self.contender, str):
+            raise bad("contender", f"must be a string, got {self.contender!r}")
+        try:
+            reveal = split_contender(self.contender)[1]
+        except ConfigError as exc:
+            raise bad("contender", str(exc)) from None
+        if reveal != "tokens" and self.mode != "fused":
+            raise bad("contender", f"{self.contender!r}: '+logits' contenders are timed with the "
+                                   "fused programs only")
+        if not integer(self.decode_steps) or self.decode_steps < 1:
+            raise bad("decode_steps", f"must be a positive integer, got {self.decode_steps!r}")
+        least = PREFIX + self.decode_steps + 1
+        if not integer(self.msl) or self.msl < least:
+            raise bad("msl", f"must be an integer of at least {least} (the {PREFIX}-token prompt, "
+                             f"{self.decode_steps} decode steps and one more), got {self.msl!r}")
+        if isinstance(self.parties, list):          # as JSON gives it
+            object.__setattr__(self, "parties", tuple(self.parties))
+        if not isinstance(self.parties, tuple):
+            raise bad("parties", f"must be a list of 'host:port' addresses, got {self.parties!r}")
+        try:
+            self.cluster()
+        except ConfigError as exc:
+            raise bad("parties", str(exc)) from None
+        for name in ("out", "log"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, f"must be a file path, got {getattr(self, name)!r}")
+        if not isinstance(self.base, str) or (self.base != "gpt2-base" and self.base not in PRESETS):
+            raise bad("base", f"must be 'gpt2-base' or a preset ({', '.join(PRESETS)}), "
+                              f"got {self.base!r}")
+        if not isinstance(self.weight_cache, bool):
+            raise bad("weight_cache", f"must be true or false, got {self.weight_cache!r}")
+
+    def cluster(self) -> Cluster:
+        return Cluster.from_dict({"protocol": "semi2k", "timeout_s": 600,
+                                  "parties": list(self.parties)})
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @staticmethod
+    def load(path: str | Path) -> "PartySpec":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the party spec {path} ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not JSON ({exc})") from None
+        names = [f.name for f in fields(PartySpec)]
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        unknown, missing = sorted(set(raw) - set(names)), [n for n in names if n not in raw]
+        if unknown or missing:
+            raise ConfigError(f"{path}: bench mpc party spec: unknown fields {unknown}, "
+                              f"missing fields {missing}")
+        try:
+            return PartySpec(**raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _party_main(spec: PartySpec) -> None:
+    """One bench party: build the contender, link up, measure, write the result to `spec.out`."""
     import numpy as np
     import spu.libspu as libspu
 
-    from veil.mpc.cluster import Cluster
     from veil.mpc.eager import measure_party
     from veil.mpc.fused_timing import measure_fused_party
     from veil.mpc.spu_runtime import MpcConfig, scratch_dir
 
-    rank, variant, msl, p0, p1, steps = (int(argv[0]), argv[1], int(argv[2]), int(argv[3]),
-                                         int(argv[4]), int(argv[5]))
-    out, log = Path(argv[6]), Path(argv[7])
     lo = libspu.logging.LogOptions()
     lo.enable_console_logger = False
-    lo.system_log_path = str(log)
+    lo.system_log_path = spec.log
     libspu.logging.setup_logging(lo)
-    variant, reveal = split_contender(variant)
-    mc = MpcConfig(profile=True, weight_cache=argv[9] == "1", reveal=reveal)
+    variant, reveal = split_contender(spec.contender)
+    mc = MpcConfig(profile=True, weight_cache=spec.weight_cache, reveal=reveal)
     t0 = time.perf_counter()
-    cfg, params = model_for(variant, msl, argv[8])
+    cfg, params = model_for(variant, spec.msl, spec.base)
     shapes = {k: tuple(v.shape) for k, v in params.items()}
-    if rank != 0:
+    if spec.rank != 0:
         params = None
     build_s = time.perf_counter() - t0
-    cluster = Cluster.from_dict({"protocol": "semi2k", "timeout_s": 600,
-                                 "parties": [f"127.0.0.1:{p0}", f"127.0.0.1:{p1}"]})
-    lctx = libspu.link.create_brpc(cluster.link_desc(), rank)
+    lctx = libspu.link.create_brpc(spec.cluster().link_desc(), spec.rank)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, PREFIX)]
-    how = measure_fused_party if argv[10] == "fused" else measure_party
+    how = measure_fused_party if spec.mode == "fused" else measure_party
     with scratch_dir():
-        res = how(rank, lctx, cfg, mc, shapes, params, prompt if rank == 1 else None, PREFIX, msl,
-                  steps, log)
+        res = how(spec.rank, lctx, cfg, mc, shapes, params, prompt if spec.rank == 1 else None,
+                  PREFIX, spec.msl, spec.decode_steps, Path(spec.log))
     res["build_s"] = build_s
     # let the link deliver this party's last messages before the process goes: exiting at once
     # can drop an async send the peer's final step still waits for
     lctx.stop_link()
-    out.write_text(json.dumps(res))
-    os._exit(0)           # SPU's link threads must not keep the process alive
+    Path(spec.out).write_text(json.dumps(res))
 
 
 def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 3000.0,
-            base: str = "gpt2-base", weight_cache: bool = True,
-            fused: bool = False) -> list[dict[str, Any]]:
+            base: str = "gpt2-base", weight_cache: bool = True, fused: bool = False,
+            pick_ports: Callable[[int], list[int]] = free_ports) -> list[dict[str, Any]]:
     """Both parties' results for one contender (two processes over TCP on loopback): per-Ops
-    programs and costs by category, or with `fused` the step programs generation runs."""
-    from veil.mpc.cluster import free_ports
+    programs and costs by category, or with `fused` the step programs generation runs.
+    `pick_ports` chooses the ports (cluster.run_local). A failed run keeps its folder: the
+    error names the parties' logs in it."""
+    folder = Path(tempfile.mkdtemp(prefix="veil-bench-mpc-"))
 
-    if split_contender(variant)[1] != "tokens" and not fused:
-        raise ConfigError("bench mpc: '+logits' contenders are timed with the fused programs only")
-    ports = free_ports(2)
-    with tempfile.TemporaryDirectory(prefix="veil-bench-mpc-") as tmp:
-        procs, outs = [], []
-        for rank in (0, 1):
-            out, log = Path(tmp) / f"r{rank}.json", Path(tmp) / f"r{rank}.log"
-            outs.append(out)
-            cmd = [sys.executable, "-m", "veil.bench.mpc", "party", str(rank), variant, str(msl),
-                   str(ports[0]), str(ports[1]), str(decode_steps), str(out), str(log), base,
-                   str(int(weight_cache)), "fused" if fused else "eager"]
-            # the parties' scratch (SPU's Beaver cache) lands in `tmp`, removed with it
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                          stderr=open(Path(tmp) / f"r{rank}.err", "w"),
-                                          env=dict(os.environ, TMPDIR=tmp)))
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                raise ConfigError(f"bench mpc: {variant} at MSL {msl} did not finish in "
-                                  f"{timeout_s:.0f} s") from None
-        if any(p.returncode != 0 or not o.is_file() for p, o in zip(procs, outs)):
-            errs = [(Path(tmp) / f"r{r}.err").read_text().strip().splitlines()[-1:] for r in (0, 1)]
-            raise ConfigError(f"bench mpc: {variant} at MSL {msl} failed: {errs}")
+    def spec(rank: int, addresses: tuple[str, ...]) -> PartySpec:
+        return PartySpec(rank=rank, contender=variant, msl=msl, parties=addresses,
+                         decode_steps=decode_steps, out=str(folder / f"party{rank}.json"),
+                         log=str(folder / f"party{rank}.spu.log"), base=base,
+                         weight_cache=weight_cache, mode="fused" if fused else "eager")
+
+    def commands(addresses: tuple[str, ...]) -> list[list[str]]:
+        specs = [spec(rank, addresses) for rank in (0, 1)]      # both valid before either starts
+        for s in specs:
+            s.write(folder / f"party{s.rank}.spec.json")
+        return [[sys.executable, "-m", "veil.bench.mpc", "party",
+                 str(folder / f"party{s.rank}.spec.json")] for s in specs]
+
+    def supervise(parties: list[PartyProcess]) -> list[dict[str, Any]]:
+        wait_parties(parties, time.monotonic() + timeout_s, f"the parties ({timeout_s:.0f} s)")
+        outs = [folder / f"party{rank}.json" for rank in (0, 1)]
+        if not all(o.is_file() for o in outs):
+            raise ProtocolAbort(f"a party exited without writing its result (logs in {folder})")
         return [json.loads(o.read_text()) for o in outs]
+
+    keep = False
+    try:
+        return run_local(folder, 2, commands, supervise, pick_ports)
+    except ProtocolAbort as exc:
+        keep = True                    # with the parties' logs the error names
+        raise ProtocolAbort(f"bench mpc: {variant} at MSL {msl} failed: {exc}") from None
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def cfg_vocab(base: str) -> int:
@@ -259,40 +344,37 @@ def compose_fused(parties: list[dict[str, Any]], msl: int) -> dict[str, Any]:
                          "share_weights_s": parties[1]["share_weights_s"]}}
 
 
-def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+_UNITS = ("Seconds are the client's clock; GB are both parties' sends; rounds = send actions of "
+          "the busier party.")
+
+
+def _render(rows: list[dict[str, Any]], meta: dict[str, Any], title: str, intro: list[str],
+            columns: tuple[list[str], list[str]],
+            cells: Callable[[dict[str, Any]], tuple[list[str], list[str]]],
+            goals_note: str = "") -> str:
+    """The frame both tables share: title with the set-up, intro paragraphs, one row per
+    (MSL, contender) — `cells` gives the row's own columns before and after the shared total /
+    speed-up / GB / % of vanilla comm / rounds — the dates rows were measured on where they
+    differ, and the paper's goals."""
     cache = ("weights' masks opened once (Beaver cache)" if meta.get("weight_cache")
              else "every product re-opens its weight's mask (no Beaver cache)")
-    lines = [f"# MPC, fused step programs: vanilla vs MERGE on {meta['base']} ({meta['when']}, "
-             f"{meta['machine']}, SEMI2K FM64/18, 2 parties as processes over TCP loopback; "
-             f"{cache})", "",
-             "The programs `veil generate --scheme mpc|merge` runs (one SPU program per step). "
-             "Composed per generation (prefix 4, greedy, batch 1): prompt step + first decode step "
-             "+ (MSL − 6) × median later decode step (+ MERGE's LM head over MSL − 4 rows: its "
-             "64-row program's first run + (rows / 64 − 1) × its second). Seconds are the client's "
-             "clock; GB are both parties' sends; rounds = send actions of the busier party.", "",
-             "Contenders with `+logits` reveal the logits to the client, who takes the argmax "
-             "itself (`reveal=\"logits\"`): MERGE's own ending (the authors' code returns the "
-             "head's logits); for vanilla the client then inputs its pick as a fresh secret "
-             "one-hot. The client learns the logit vectors at its positions, not only the tokens. "
-             "Speed-up and communication are against `vanilla` (tokens only, argmax under MPC "
-             "every step: the paper's baseline); the last column against `vanilla+logits`, "
-             "where measured.", "",
-             "| MSL | contender | prompt step s | first decode step s | later decode step s | "
-             "head s | total s | speed-up | GB | % of vanilla comm | rounds | "
-             "vs vanilla+logits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["MSL", "contender", *columns[0], "total s", "speed-up", "GB", "% of vanilla comm",
+            "rounds", *columns[1]]
+    lines = [f"# {title} on {meta['base']} ({meta['when']}, {meta['machine']}, SEMI2K FM64/18, "
+             f"2 parties as processes over TCP loopback; {cache})", ""]
+    for paragraph in intro:
+        lines += [paragraph, ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {r["msl"]: r for r in rows if r["contender"] == "vanilla"}
-    base_l = {r["msl"]: r for r in rows if r["contender"] == "vanilla+logits"}
     for r in rows:
-        m, v, vl = r["measured"], base.get(r["msl"]), base_l.get(r["msl"])
+        v = base.get(r["msl"])
         speed = v["total_s"] / r["total_s"] if v else float("nan")
         comm = 100 * r["total_bytes"] / v["total_bytes"] if v else float("nan")
-        vs_l = f"{vl['total_s'] / r['total_s']:.2f}×" if vl else "–"
-        lines.append(f"| {r['msl']} | {r['contender']} | {m['prompt_step_s']:.2f} | "
-                     f"{m['first_decode_step_s']:.2f} | {m['decode_step_s']:.2f} | "
-                     f"{m['head_s']:.1f} | {r['total_s']:.1f} | {speed:.2f}× | "
-                     f"{r['total_bytes'] / 1e9:.2f} | {comm:.1f}% | {int(r['total_rounds'])} | "
-                     f"{vs_l} |")
+        before, after = cells(r)
+        shared = [f"{r['total_s']:.1f}", f"{speed:.2f}×", f"{r['total_bytes'] / 1e9:.2f}",
+                  f"{comm:.1f}%", f"{int(r['total_rounds'])}"]
+        lines.append("| " + " | ".join([str(r["msl"]), r["contender"], *before, *shared, *after])
+                     + " |")
     dates = sorted({r["when"] for r in rows if "when" in r})
     if len(dates) > 1:
         which = {d: sorted(f"{r['contender']} @ {r['msl']}" for r in rows if r.get("when") == d)
@@ -300,42 +382,50 @@ def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", "Rows measured on: " + "; ".join(f"{d}: {', '.join(w)}"
                                                       for d, w in which.items()) + "."]
     lines += ["", "Goals (MERGE's paper, CrypTen on V100s): ≥ 26.5× at MSL 512, ≥ 7.75× at 128, "
-              "communication ≤ 20% of vanilla at 512. Per-category costs: mpc.md (eager).", ""]
+              "communication ≤ 20% of vanilla at 512." + goals_note, ""]
     return "\n".join(lines)
+
+
+def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    intro = ["The programs `veil generate --scheme mpc|merge` runs (one SPU program per step). "
+             "Composed per generation (prefix 4, greedy, batch 1): prompt step + first decode step "
+             "+ (MSL − 6) × median later decode step (+ MERGE's LM head over MSL − 4 rows: its "
+             "64-row program's first run + (rows / 64 − 1) × its second). " + _UNITS,
+             "Contenders with `+logits` reveal the logits to the client, who takes the argmax "
+             "itself (`reveal=\"logits\"`): MERGE's own ending (the authors' code returns the "
+             "head's logits); for vanilla the client then inputs its pick as a fresh secret "
+             "one-hot. The client learns the logit vectors at its positions, not only the tokens. "
+             "Speed-up and communication are against `vanilla` (tokens only, argmax under MPC "
+             "every step: the paper's baseline); the last column against `vanilla+logits`, "
+             "where measured."]
+    base_l = {r["msl"]: r for r in rows if r["contender"] == "vanilla+logits"}
+
+    def cells(r: dict[str, Any]) -> tuple[list[str], list[str]]:
+        m, vl = r["measured"], base_l.get(r["msl"])
+        return ([f"{m['prompt_step_s']:.2f}", f"{m['first_decode_step_s']:.2f}",
+                 f"{m['decode_step_s']:.2f}", f"{m['head_s']:.1f}"],
+                [f"{vl['total_s'] / r['total_s']:.2f}×" if vl else "–"])
+    return _render(rows, meta, "MPC, fused step programs: vanilla vs MERGE", intro,
+                   (["prompt step s", "first decode step s", "later decode step s", "head s"],
+                    ["vs vanilla+logits"]),
+                   cells, " Per-category costs: mpc.md (eager).")
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    cache = ("weights' masks opened once (Beaver cache)" if meta.get("weight_cache")
-             else "every product re-opens its weight's mask (no Beaver cache)")
     steps = ("first decode step + (MSL − 6) × median later decode step"
              if rows and rows[0]["measured"].get("first_decode_step_s") is not None
              else "(MSL − 5) × median measured decode step")
-    lines = [f"# MPC: vanilla vs MERGE on {meta['base']} ({meta['when']}, {meta['machine']}, "
-             f"SEMI2K FM64/18, 2 parties as processes over TCP loopback; {cache})", "",
-             f"Composed per generation (prefix 4, greedy, batch 1): prompt step + {steps} "
-             "(+ MERGE's LM head once). Seconds are the client's clock; GB are both parties' "
-             "sends; rounds = send actions of the busier party.", "",
-             "| MSL | contender | embedding s | linear s | attention s | norm s | activation s | "
-             "sampling s | total s | speed-up | GB | % of vanilla comm | rounds | "
-             "measured decode step s | measured prompt step s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {r["msl"]: r for r in rows if r["contender"] == "vanilla"}
-    rows = [x for r in rows for x in (r, *_logits_to_client(r))]
-    for r in rows:
-        c = r["categories"]
-        v = base.get(r["msl"])
-        speed = v["total_s"] / r["total_s"] if v else float("nan")
-        comm = 100 * r["total_bytes"] / v["total_bytes"] if v else float("nan")
-        lines.append(
-            f"| {r['msl']} | {r['contender']} | " + " | ".join(
-                f"{c[k]['seconds']:.1f}" for k in ("embedding", "linear", "attention", "norm",
-                                                   "activation", "sampling"))
-            + f" | {r['total_s']:.1f} | {speed:.2f}× | {r['total_bytes'] / 1e9:.2f} | "
-              f"{comm:.1f}% | {int(r['total_rounds'])} | {r['measured']['decode_step_s']:.2f} | "
-              f"{r['measured']['prompt_step_s']:.2f} |")
-    lines += ["", "Goals (MERGE's paper, CrypTen on V100s): ≥ 26.5× at MSL 512, ≥ 7.75× at 128, "
-              "communication ≤ 20% of vanilla at 512.", ""]
-    return "\n".join(lines)
+    intro = [f"Composed per generation (prefix 4, greedy, batch 1): prompt step + {steps} "
+             "(+ MERGE's LM head once). " + _UNITS]
+    cats = ("embedding", "linear", "attention", "norm", "activation", "sampling")
+
+    def cells(r: dict[str, Any]) -> tuple[list[str], list[str]]:
+        return ([f"{r['categories'][k]['seconds']:.1f}" for k in cats],
+                [f"{r['measured']['decode_step_s']:.2f}", f"{r['measured']['prompt_step_s']:.2f}"])
+    return _render([x for r in rows for x in (r, *_logits_to_client(r))], meta,
+                   "MPC: vanilla vs MERGE", intro,
+                   ([f"{k} s" for k in cats], ["measured decode step s", "measured prompt step s"]),
+                   cells)
 
 
 def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] | None = None,
@@ -379,7 +469,14 @@ def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] | None = None,
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "party":
-        _party_main(sys.argv[2:])
+        if len(sys.argv) != 3:
+            sys.exit("usage: python -m veil.bench.mpc party SPEC.json")
+        try:
+            _party_main(PartySpec.load(sys.argv[2]))
+        except VeilError as exc:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)
+        os._exit(0)       # SPU's link threads must not keep the process alive
     elif len(sys.argv) > 1 and sys.argv[1] == "table":       # re-render mpc.md from mpc.json
         data = json.loads(Path(sys.argv[2]).read_text())
         render = markdown_fused if data["meta"].get("programs") == "fused" else markdown

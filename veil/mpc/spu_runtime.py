@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from veil.errors import ConfigError, ProtocolAbort
+from veil.errors import ProtocolAbort
 from veil.model.config import ModelConfig
 from veil.mpc.jax_ops import JaxOps
 from veil.mpc.program import make_head, make_resend_step, make_step, one_hot
