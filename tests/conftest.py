@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from veil.model import zoo
 from veil.model.config import PRESETS, hf_config_dict
+from veil.variants.merge import calibrate, student_weights, variant_config
 
 FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 
@@ -60,3 +62,28 @@ def default_model(default_folder):
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+def assert_logits_close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """The one tolerance check: max |Δlogit| of `got` against the reference `ref` within `tol`
+    (inclusive; 0 means bit-identical). Returns the error."""
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    err = max_abs(got, ref)
+    assert err <= tol, f"max |Δlogit| {err:.3g} > {tol:.3g}"
+    return err
+
+
+def student(preset: str, variant: str = "merge", context: int = 32, seed: int = 0,
+            calibrated: bool = True):
+    """A MERGE-variant student of a tiny preset (config, weights), its tables perturbed."""
+    base = zoo.preset(preset)
+    w = zoo.random_weights(base, seed)
+    cfg = variant_config(base, variant, context)
+    ids = torch.randint(0, base.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+    calib = calibrate(base, w, [ids], context) if calibrated else None
+    sw = student_weights(base, w, cfg, calib)
+    g = torch.Generator().manual_seed(seed + 1)
+    # a trained table is far from the uniform init: make the test see real mixing
+    return cfg, {k: v + 0.5 * torch.randn(v.shape, generator=g) if k.endswith("const") else v
+                 for k, v in sw.items()}
+

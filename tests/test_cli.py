@@ -44,4 +44,12 @@ def test_explain_lists_placement_and_flags_leaks():
     assert res.exit_code == 0, res.output
     assert "attention" in res.output and "token ids" in res.output
     res = runner.invoke(app, ["explain", "--scheme", "nope"])
-    assert res.exit_code == 2 and "no placement" in res.output
+    assert res.exit_code == 2 and "unknown scheme 'nope'" in res.output
+
+
+def test_set_with_a_wrong_type_names_the_option():
+    """`--set rank=abc` used to print "'<' not supported between instances of 'str' and 'int'"."""
+    res = runner.invoke(app, ["generate", "1 2 3", "--model", "tiny-llama", "--scheme", "loro",
+                              "--set", "rank=abc", "-n", "2"])
+    assert res.exit_code == 2
+    assert "loro: option 'rank' expects an integer, got 'abc'" in res.output

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import veil
+from veil.backends.plain import TorchOps
 from veil.model.generate import SamplingConfig, pick_next
+from veil.schemes.base import StepSession
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_max_new_tokens_and_eos(tiny):
     # declare the first greedy token an EOS: generation must end right there
     first = tiny.generate([1, 2, 3], max_new_tokens=1).token_ids[0]
     cfg = tiny.cfg.with_(eos_token_ids=(first,))
-    tiny2 = veil.Model(cfg, tiny.ops, "plain", None, "tiny")
+    tiny2 = veil.Model(StepSession("plain", cfg, tiny.ops), None, "tiny")
     r2 = tiny2.generate([1, 2, 3], max_new_tokens=10)
     assert r2.token_ids == [first] and r2.finish_reason == "eos"
 
@@ -57,7 +59,7 @@ def test_max_new_tokens_and_eos(tiny):
 def test_generation_stops_at_context_limit():
     m = veil.load("tiny-gpt2")
     cfg = m.cfg.with_(eos_token_ids=())
-    m = veil.Model(cfg, veil.api.TorchOps(cfg, m.ops.w), "plain", None, "tiny")
+    m = veil.Model(StepSession("plain", cfg, TorchOps(cfg, m.ops.w)), None, "tiny")
     r = m.generate(list(range(1, 121)), max_new_tokens=50)
     assert len(r.token_ids) == 128 - 120 and r.finish_reason == "context"
 

@@ -10,7 +10,6 @@ from conftest import make_hf_model, max_abs
 from veil.backends.plain import TorchOps
 from veil.errors import ConfigError, UnsupportedError
 from veil.model.config import PRESETS, config_from_hf
-from veil.model.zoo import random_weights
 from veil.model.ops import check_support
 
 
@@ -52,12 +51,10 @@ def test_rope_scaling_matches_transformers(tmp_path, scaling):
 def test_backend_refuses_unsupported_variant():
     cfg = PRESETS["tiny-llama"]
 
-    class NoRope(TorchOps):
-        name = "no-rope"
-        support = {**TorchOps.support, "position": frozenset({"learned"})}
-
+    no_rope = {**TorchOps.support, "position": frozenset({"learned"})}
     with pytest.raises(UnsupportedError, match="no-rope.*position='rope'"):
-        check_support(NoRope(cfg, random_weights(cfg)), cfg)
+        check_support(no_rope, cfg, "backend 'no-rope'")
+    check_support(TorchOps.support, cfg, "backend 'plain'")
 
 
 def test_config_errors_are_specific():

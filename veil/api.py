@@ -1,78 +1,26 @@
-"""The Python API: `veil.load(model, scheme=…)` → `Model` with `generate`, `logits`, `cost`.
-
-A scheme is a function (cfg, weights, options) → Ops; `SCHEMES` is the table later schemes join.
-"""
+"""The Python API: `veil.load(model, scheme=…)` → `Model` with `generate`, `logits`, `cost`,
+`device_view`, `close`. Schemes come from the registry (veil/schemes/)."""
 
 from __future__ import annotations
 
-import functools
-
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 import torch
 
-from veil.backends.plain import TorchOps
-from veil.cost import Cost, forward_flops
+from veil.cost import Cost, generation_flops
 from veil.errors import InputError, UnsupportedError
-from veil.model.config import ModelConfig
-from veil.model.opening import open_model
 from veil.model.forward import forward
-from veil.model.generate import (GenerationTrace, SamplingConfig, check_prompts, generate_ids,
-                                 pad_batch, padded_step)
+from veil.model.generate import (GenerationTrace, SamplingConfig, check_prompts, generate_fixed,
+                                 generate_ids, pad_batch, padded_step)
+from veil.model.opening import open_model
+from veil.model.ops import check_support
 from veil.model.tokenizer import Tokenizer
-from veil.model.weights import Weights
-from veil.model.ops import Ops, check_support
-
-SchemeBuilder = Callable[[ModelConfig, Weights, dict[str, Any]], Ops]
-
-
-def _plain(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
-    if options:
-        raise UnsupportedError(f"scheme 'plain' takes no options, got {sorted(options)}")
-    return TorchOps(cfg, weights)
-
-
-def _loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
-    from veil.tee.runtime import start_loro
-
-    return start_loro(cfg, weights, options)
-
-
-def _shielded(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
-    """The whole model inside the enclave (MLCapsule/DarkneTZ-style): the device holds nothing."""
-    if options:
-        raise UnsupportedError(f"scheme 'shielded' takes no options, got {sorted(options)}")
-    ops = TorchOps(cfg, weights)
-    ops.name = "shielded"
-    return ops
-
-
-def _baseline(scheme: str) -> SchemeBuilder:
-    def build(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
-        from veil.tee.schemes.baselines import start_baseline
-
-        return start_baseline(scheme, cfg, weights, options)
-    return build
-
-
-def _mpc(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
-    from veil.mpc.backend import MpcOps
-
-    return MpcOps(cfg, weights, options)  # type: ignore[return-value]
-
-
-def _merge(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> Ops:
-    from veil.mpc.backend import MpcOps
-
-    return MpcOps(cfg, weights, options, name="merge")  # type: ignore[return-value]
-
-
-SCHEMES: dict[str, SchemeBuilder] = {
-    "plain": _plain, "loro": _loro, "shielded": _shielded, "mpc": _mpc, "merge": _merge,
-    **{s: _baseline(s) for s in ("tlg", "soter", "nnsplitter", "shadownet")},
-}
+from veil import schemes
+from veil.schemes.artifacts import is_artifact, open_artifact
+from veil.schemes.base import DeviceViewing, FixedLengthSession, Session, StepSession
 
 Prompt = Union[str, Sequence[int]]
 
@@ -132,14 +80,41 @@ class _TextStream:
 
 
 class Model:
-    """A loaded model under one scheme."""
+    """A loaded model under one scheme. `close()` (or leaving a `with` block) stops whatever the
+    scheme started — device threads and processes, party processes, channels — and wipes its
+    secrets; a model never closed is closed when it is garbage-collected or at interpreter exit,
+    before module teardown."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops, scheme: str, tokenizer: Tokenizer | None,
-                 source: str) -> None:
-        self.cfg, self.ops, self.scheme, self.tokenizer, self.source = cfg, ops, scheme, tokenizer, source
+    def __init__(self, session: Session, tokenizer: Tokenizer | None, source: str) -> None:
+        self.session, self.tokenizer, self.source = session, tokenizer, source
+        self.cfg, self.scheme = session.cfg, session.scheme
+        self._finalizer = weakref.finalize(self, session.close)
 
     def __repr__(self) -> str:
         return f"Model({self.source!r}, scheme={self.scheme!r}, layers={self.cfg.n_layers}, d={self.cfg.d_model})"
+
+    def close(self) -> None:
+        """Stop what the scheme started and wipe its secrets. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _live(self) -> Session:
+        if self.session.closed:
+            raise InputError(f"{self!r} was closed")
+        return self.session
+
+    @property
+    def ops(self) -> Any:
+        """The executor of a step-by-step scheme (plain, the TEE schemes)."""
+        session = self._live()
+        if not isinstance(session, StepSession):
+            raise UnsupportedError(f"scheme {self.scheme!r} runs whole generations; it has no Ops")
+        return session.ops
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -162,6 +137,7 @@ class Model:
         stream: called with each new piece of text as it is produced (single prompts only).
         ignore_eos: keep going past EOS (benchmarks that need a fixed token count).
         """
+        session = self._live()
         single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], int))
         prompts = [prompt] if single else list(prompt)
         if stream is not None and not single:
@@ -176,16 +152,17 @@ class Model:
             return _cut_at_stop(self.decode(generated), s.stop) is not None
 
         streamer = _TextStream(self.decode, stream, s.stop) if stream is not None else None
-        counters = getattr(self.ops, "cost_counters", None)
-        before = counters() if counters is not None else {}
-        # a protocol that runs the whole generation itself (MPC) instead of the step loop
-        run = getattr(self.ops, "private_generate", None) or functools.partial(generate_ids, self.cfg, self.ops)
-        rows, trace = run(ids, s, stop_check=stop_check if s.stop else None,
-                          on_token=streamer.push if streamer is not None else None)
-        after = counters() if counters is not None else {}
-        # running totals → this generation's share; the device's resident bytes are a level
-        levels = ("device_weight_bytes", "device_store_bytes")
-        split = {k: after[k] - (0 if k in levels else before.get(k, 0)) for k in after}
+        hooks = dict(stop_check=stop_check if s.stop else None,
+                     on_token=streamer.push if streamer is not None else None)
+        split = None
+        if isinstance(session, FixedLengthSession):
+            rows, trace = generate_fixed(self.cfg, session.run_fixed, ids, s, **hooks)
+        else:
+            assert isinstance(session, StepSession)
+            before = session.counters()
+            rows, trace = generate_ids(self.cfg, session.ops, ids, s, **hooks)
+            after = session.counters()
+            split = after.since(before) if after is not None and before is not None else None
         out = []
         for r, row in enumerate(rows):
             text = self.decode(row.token_ids)
@@ -198,44 +175,47 @@ class Model:
             streamer.finish(out[0].text)
         return out[0] if single else out
 
-    def _cost(self, trace: GenerationTrace, prompt_len: int, new: int,
-              split: dict[str, float]) -> Cost:
-        flops = forward_flops(self.cfg, prompt_len, prompt_len, head_tokens=1)
-        flops += sum(forward_flops(self.cfg, 1, prompt_len + i + 1) for i in range(max(new - 1, 0)))
-        return Cost(self.scheme, prompt_len, new, trace.prefill_s, trace.decode_s, flops, split)
+    def _cost(self, trace: GenerationTrace, prompt_len: int, new: int, split: Any) -> Cost:
+        return Cost(self.scheme, prompt_len, new, trace.prefill_s, trace.decode_s,
+                    generation_flops(self.cfg, prompt_len, new), split)
 
-    def device_view(self):
+    def device_view(self) -> Any:
         """What the untrusted device saw and holds (TEE schemes; load with record_view=True to
         include every received tensor)."""
-        view = getattr(self.ops, "device_view", None)
-        if view is None:
+        session = self._live()
+        if not isinstance(session, DeviceViewing):
             raise UnsupportedError(f"scheme {self.scheme!r} has no untrusted device")
-        return view()
+        return session.device_view()
 
     def logits(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
         """float32 logits (B, T, V) for token-id rows; shorter rows are left-padded (right-aligned)."""
+        session = self._live()
+        if not isinstance(session, StepSession):
+            raise UnsupportedError(f"scheme {self.scheme!r} runs whole generations; per-call "
+                                   "logits are not offered")
         rows = [[int(t) for t in r] for r in batch]
         check_prompts(self.cfg, rows)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids, mask = pad_batch(rows, pad)
-        cache = self.ops.new_cache(ids.shape[0], ids.shape[1])
+        cache = session.ops.new_cache(ids.shape[0], ids.shape[1])
         with torch.inference_mode():
-            out = forward(self.cfg, self.ops, ids, padded_step(mask, mask), cache)
+            out = forward(self.cfg, session.ops, ids, padded_step(mask, mask), cache)
         return out.float()
 
 
 def load(model: str | Path = "default", scheme: str = "plain", **options: Any) -> Model:
     """Load a model under a scheme: `"default"`, a tiny preset name, an HF folder, a .gguf, or a
-    protected artifact folder made by `veil protect` (its scheme is recorded in it)."""
-    from veil.tee.artifact import is_artifact, load_artifact
+    protected artifact folder made by `veil protect` (its scheme is recorded in it).
 
+    Options are the scheme's (`veil schemes` lists them); names, types and ranges are checked,
+    and the model's variants against the scheme's support table, before anything is started."""
     if is_artifact(model):
-        return load_artifact(Path(model), scheme, options)
-    if scheme not in SCHEMES:
-        raise UnsupportedError(f"unknown scheme {scheme!r} (available: {', '.join(SCHEMES)})")
+        session, tokenizer = open_artifact(Path(model), scheme, options)
+        return Model(session, tokenizer, str(model))
+    s = schemes.get(scheme)
+    opts = s.options.parse(scheme, options)
     opened = open_model(model)
-    if scheme in ("mpc", "merge"):   # local party processes open the model by the same name
-        options = {"model": str(model), **options}
-    ops = SCHEMES[scheme](opened.cfg, opened.weights, dict(options))
-    check_support(ops, opened.cfg)
-    return Model(opened.cfg, ops, scheme, opened.tokenizer, opened.source)
+    check_support(s.support, opened.cfg, f"scheme {scheme!r}")
+    if s.check_model is not None:
+        s.check_model(opened.cfg)
+    return Model(s.open(opened, opts), opened.tokenizer, opened.source)

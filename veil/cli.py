@@ -82,17 +82,17 @@ def generate(prompt: str = typer.Argument("Once upon a time", help="text to cont
     options = _scheme_options(set_)
     if key_file:
         options["key_file"] = key_file
-    m = veil.load(model, scheme=scheme, **options)
-    prompt_ids: object = prompt
-    if m.tokenizer is None:
-        try:
-            prompt_ids = [int(t) for t in prompt.replace(",", " ").split()]
-        except ValueError:
-            raise veil.InputError(f"{model} has no tokenizer: give the prompt as token ids, "
-                                  "e.g. \"1 5 9\"") from None
-    writer = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
-    r = m.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, seed=seed, stop=stop, chat=chat, stream=writer)
+    with veil.load(model, scheme=scheme, **options) as m:
+        prompt_ids: object = prompt
+        if m.tokenizer is None:
+            try:
+                prompt_ids = [int(t) for t in prompt.replace(",", " ").split()]
+            except ValueError:
+                raise veil.InputError(f"{model} has no tokenizer: give the prompt as token ids, "
+                                      "e.g. \"1 5 9\"") from None
+        writer = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
+        r = m.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, stop=stop, chat=chat, stream=writer)
     if stream:
         sys.stdout.write("\n")
     elif m.tokenizer is None:
@@ -122,11 +122,10 @@ def models() -> None:
 @app.command()
 @_clean_errors
 def info(model: str = typer.Argument("default")) -> None:
-    """Config summary, parameter count and memory of a model."""
-    import veil
+    """Config summary, parameter count and memory of a model (read from its config alone)."""
+    from veil.model.opening import open_public
 
-    m = veil.load(model)
-    c = m.cfg
+    c = open_public(model)[0]
     t = Table("field", "value", show_header=False)
     rows = [("family", c.family), ("layers", c.n_layers), ("d_model", c.d_model),
             ("heads / kv heads / head_dim", f"{c.n_heads} / {c.n_kv_heads} / {c.head_dim}"),
@@ -154,12 +153,12 @@ def eval_ppl(model: str = typer.Option("default"),
     from veil.data import corpus_text
     from veil.eval import perplexity
 
-    m = veil.load(model)
-    if m.tokenizer is None:
-        raise veil.InputError(f"{model} has no tokenizer; perplexity on text needs one")
-    text = corpus_text(corpus, "heldout")
-    ids = m.tokenizer.encode(text[: windows * window * 8])
-    r = perplexity(m, ids, window=window, max_windows=windows, corpus=corpus)
+    with veil.load(model) as m:
+        if m.tokenizer is None:
+            raise veil.InputError(f"{model} has no tokenizer; perplexity on text needs one")
+        text = corpus_text(corpus, "heldout")
+        ids = m.tokenizer.encode(text[: windows * window * 8])
+        r = perplexity(m, ids, window=window, max_windows=windows, corpus=corpus)
     out.print(f"{corpus} held-out · {r.windows}×{r.window_len} tokens · perplexity "
               f"{r.perplexity:.2f} · top-1 accuracy {r.top1_accuracy:.3f}", highlight=False)
 
@@ -212,7 +211,7 @@ def protect(model: str = typer.Argument("default"),
     """Protect a model: DIR/device (what the untrusted side holds) + DIR/enclave.sealed."""
     from pathlib import Path
 
-    from veil.tee.artifact import protect as do_protect
+    from veil.schemes.artifacts import protect as do_protect
 
     folder = do_protect(model, scheme, Path(out), Path(key_file) if key_file else None,
                         **_scheme_options(set_))
@@ -223,13 +222,36 @@ def protect(model: str = typer.Argument("default"),
 @_clean_errors
 def explain(scheme: str = typer.Option("plain", "--scheme", "-s")) -> None:
     """Where each op of the forward runs under a scheme, and what the untrusted side sees."""
-    from veil.placement import placement
+    from veil.schemes import get
 
+    s = get(scheme)
     t = Table("op", "runs on", "untrusted side receives", "untrusted side holds", "leaks",
-              title=f"scheme {scheme} (untrusted side: the device, or for mpc each peer)")
-    for p in placement(scheme):
+              title=f"scheme {scheme}: {s.system} (untrusted side: the device, or for mpc "
+                    "each peer)")
+    for p in s.placement:
         t.add_row(p.op, p.runs_on, p.device_receives, p.device_holds,
                   f"[bold red]{p.leaks}[/]" if p.leaks else "")
+    out.print(t)
+
+
+@app.command("schemes")
+@_clean_errors
+def schemes_(markdown: bool = typer.Option(False, help="the README's scheme table")) -> None:
+    """Every scheme: what it protects, whom it trusts, its options (with defaults)."""
+    from dataclasses import MISSING, fields
+
+    from veil.schemes import SCHEMES, markdown_table
+
+    if markdown:
+        print(markdown_table(), end="")
+        return
+
+    t = Table("scheme", "system", "protects", "trusted", "options (default)", "protect")
+    for s in SCHEMES.values():
+        opts = ", ".join(f"{f.name}={f.default!r}" if f.default is not MISSING else f.name
+                         for f in fields(s.options))
+        t.add_row(s.name, s.system, s.protects, s.trusted, opts or "—",
+                  "yes" if s.protect is not None else "—")
     out.print(t)
 
 

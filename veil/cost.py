@@ -1,8 +1,11 @@
-"""Cost records: what a generation cost, and analytic FLOP counts that every scheme shares."""
+"""Cost records: what a generation cost, with named fields, and analytic FLOP counts that every
+scheme shares. The CLI prints them (`Cost.summary`) and the benches write them (`Cost.row`), both
+from the same fields."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 from veil.model.config import ModelConfig
 
@@ -19,9 +22,51 @@ def forward_flops(cfg: ModelConfig, new_tokens: int, context: int,
     return new_tokens * per_token + head
 
 
+def generation_flops(cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    """A generation's model FLOPs: the prompt's forward (LM head on its last position only), then
+    one forward per further token."""
+    flops = forward_flops(cfg, prompt_tokens, prompt_tokens, head_tokens=1)
+    return flops + sum(forward_flops(cfg, 1, prompt_tokens + i + 1)
+                       for i in range(max(new_tokens - 1, 0)))
+
+
+@dataclass(frozen=True)
+class SplitCost:
+    """A split run's counters (TEE: the enclave and the untrusted device). A runtime reports
+    running totals; `since` turns two readings into one generation's share."""
+
+    bytes_sent: int = 0              # enclave → device, online (sealed pad products included)
+    bytes_received: int = 0          # device → enclave, online
+    round_trips: int = 0
+    enclave_flops: int = 0           # the protocol's own work in the enclave
+    enclave_overlap_flops: int = 0   # … of which done while the device computes
+    enclave_wait_s: float = 0.0      # the enclave blocked on the device
+    enclave_crypto_bytes: int = 0    # AES work on the critical path (pad keystream, opened blobs)
+    device_flops: int = 0            # as the device reports them
+    device_busy_s: float = 0.0       # the device's compute time, as it reports it
+    device_weight_bytes: int = 0     # level: the weights resident on the device
+    device_store_bytes: int = 0      # level: opaque sealed stores resident on the device
+    offline_flops: int = 0           # pad precomputation, outside prefill/decode time
+    offline_s: float = 0.0
+    offline_bytes: int = 0           # sealed pad products put on the device (offline traffic)
+    pad_bytes_used: int = 0          # sealed pad products fetched back online
+
+    LEVELS: ClassVar[tuple[str, ...]] = ("device_weight_bytes", "device_store_bytes")
+
+    def since(self, before: "SplitCost") -> "SplitCost":
+        """What happened between `before` and this reading (levels are kept as they are now)."""
+        return SplitCost(**{f.name: getattr(self, f.name) if f.name in self.LEVELS
+                            else getattr(self, f.name) - getattr(before, f.name)
+                            for f in fields(self)})
+
+    @property
+    def moved_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+
 @dataclass(frozen=True)
 class Cost:
-    """What one generation cost. Protected schemes extend this with bytes, rounds, per-side work."""
+    """What one generation cost. `split` is set by schemes with an untrusted device."""
 
     scheme: str
     prompt_tokens: int
@@ -29,29 +74,31 @@ class Cost:
     prefill_s: float
     decode_s: float
     flops: int
-    # split schemes: counters over this generation (whole batch) — bytes_sent, bytes_received,
-    # round_trips, enclave_flops, device_flops (as the device reports them), device_busy_s (the
-    # device's compute time, as it reports it), enclave_wait_s (the enclave blocked on the device),
-    # offline_flops, offline_s (pad precomputation, outside prefill/decode time)
-    split: dict[str, float] = field(default_factory=dict)
+    split: SplitCost | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
         steps = max(self.new_tokens - 1, 0)
         return steps / self.decode_s if self.decode_s > 0 else float("nan")
 
+    def row(self) -> dict[str, Any]:
+        """Flat fields for a benchmark's JSON row (split counters prefixed `split_`)."""
+        out = {k: v for k, v in asdict(self).items() if k != "split"}
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        if self.split is not None:
+            out.update({f"split_{k}": v for k, v in asdict(self.split).items()})
+        return out
+
     def summary(self) -> str:
         line = (f"[{self.scheme}] prompt {self.prompt_tokens} tok, prefill {self.prefill_s:.2f} s · "
                 f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s · "
                 f"{self.flops / 1e9:.2f} GFLOP")
-        if self.split:
+        s = self.split
+        if s is not None:
             tokens = max(self.prompt_tokens + self.new_tokens, 1)
-            moved = self.split.get("bytes_sent", 0) + self.split.get("bytes_received", 0)
-            line += (f" · channel {moved / tokens / 1024:.1f} KiB/tok, "
-                     f"{self.split.get('round_trips', 0) / tokens:.0f} round trips/tok")
-            if "enclave_flops" in self.split:
-                line += f" · enclave {self.split['enclave_flops'] / 1e6:.1f} MFLOP"
-            if "device_busy_s" in self.split:
-                line += (f" · device busy {self.split['device_busy_s']:.2f} s, enclave waited "
-                         f"{self.split.get('enclave_wait_s', 0):.2f} s")
+            line += (f" · channel {s.moved_bytes / tokens / 1024:.1f} KiB/tok, "
+                     f"{s.round_trips / tokens:.0f} round trips/tok"
+                     f" · enclave {s.enclave_flops / 1e6:.1f} MFLOP"
+                     f" · device busy {s.device_busy_s:.2f} s, enclave waited "
+                     f"{s.enclave_wait_s:.2f} s")
         return line

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 import veil
 from veil.cli import app
 from veil.errors import ConfigError, IntegrityError
-from veil.tee.artifact import protect
+from veil.schemes.artifacts import protect
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_layout_and_round_trip(artifact):
     assert m.scheme == "loro"
     assert m.generate([1, 2, 3], max_new_tokens=10).token_ids == \
         plain.generate([1, 2, 3], max_new_tokens=10).token_ids
-    m.ops.close()
+    m.close()
 
 
 def test_wrong_key_and_tampering_refused(artifact, tmp_path):
@@ -84,27 +84,50 @@ def test_cli_protect_and_generate(tmp_path):
     assert res.exit_code == 2 and "no sealing key" in res.output
 
 
-@pytest.mark.parametrize("scheme", ["tlg", "soter", "nnsplitter", "shadownet", "shielded"])
-def test_every_tee_scheme_protects_and_runs_from_its_artifact(scheme, tmp_path):
-    key = tmp_path / "k"
-    folder = protect("tiny-qwen2", scheme, tmp_path / "out", key_file=key)
-    assert (folder / "device" / "model.safetensors").is_file() == (scheme != "shielded")
-    m = veil.load(folder, key_file=key, device="thread", record_view=scheme != "shielded")
-    assert m.scheme == scheme
-    plain = veil.load("tiny-qwen2")
-    assert ([g.token_ids for g in m.generate([[1, 2, 3], [4, 5]], max_new_tokens=8)]
-            == [g.token_ids for g in plain.generate([[1, 2, 3], [4, 5]], max_new_tokens=8)])
-    if scheme != "shielded":
-        # the device holds the obfuscated matrices only: no norms, biases or tables
-        resident = m.device_view().resident
-        assert resident and not any("norm" in k or k.endswith(".bias") or k.startswith("embed")
-                                    for k in resident)
-        m.ops.close()
-    with pytest.raises(ConfigError, match="verify"):
-        veil.load(folder, key_file=key, device="thread", verify=True)
-    # a sealed file made for one scheme cannot be passed off as another's
+def _swap_scheme_refused(folder, scheme, key):
+    """A sealed file made for one scheme cannot be passed off as another's."""
     info = folder / "veil-artifact.json"
     other = "tlg" if scheme != "tlg" else "soter"
     info.write_text(info.read_text().replace(f'"{scheme}"', f'"{other}"'))
     with pytest.raises(IntegrityError, match="authentication failed"):
         veil.load(folder, key_file=key, device="thread")
+
+
+@pytest.mark.parametrize("scheme", ["tlg", "soter", "nnsplitter", "shadownet"])
+def test_every_split_scheme_protects_and_runs_from_its_artifact(scheme, tmp_path):
+    key = tmp_path / "k"
+    folder = protect("tiny-qwen2", scheme, tmp_path / "out", key_file=key)
+    assert (folder / "device" / "model.safetensors").is_file()
+    with veil.load(folder, key_file=key, device="thread", record_view=True) as m, \
+            veil.load("tiny-qwen2") as plain:
+        assert m.scheme == scheme
+        assert ([g.token_ids for g in m.generate([[1, 2, 3], [4, 5]], max_new_tokens=8)]
+                == [g.token_ids for g in plain.generate([[1, 2, 3], [4, 5]], max_new_tokens=8)])
+        # the device holds the obfuscated matrices only: no norms, biases or tables
+        resident = m.device_view().resident
+        assert resident and not any("norm" in k or k.endswith(".bias") or k.startswith("embed")
+                                    for k in resident)
+    with pytest.raises(ConfigError, match="unknown option.*verify"):
+        veil.load(folder, key_file=key, device="thread", verify=True)
+    _swap_scheme_refused(folder, scheme, key)
+
+
+def test_shielded_artifact_runs_the_sealed_model_and_holds_nothing_outside(tmp_path):
+    """The enclave's model is what it unsealed (a copy, wiped on close), not the caller's."""
+    key = tmp_path / "k"
+    folder = protect("tiny-qwen2", "shielded", tmp_path / "out", key_file=key)
+    assert not (folder / "device" / "model.safetensors").exists()
+    plain = veil.load("tiny-qwen2")
+    m = veil.load(folder, key_file=key)
+    assert m.scheme == "shielded"
+    ids = [[3, 17, 99, 5, 42, 7]]
+    assert float((m.logits(ids) - plain.logits(ids)).abs().max()) == 0.0
+    weights = m.ops.w
+    assert all(weights[k].data_ptr() != plain.ops.w[k].data_ptr() for k in weights)
+    with pytest.raises(veil.UnsupportedError, match="no untrusted device"):
+        m.device_view()
+    m.close()
+    assert all(float(t.abs().sum()) == 0 for t in weights.values())
+    with pytest.raises(ConfigError, match="unknown option.*device"):
+        veil.load(folder, key_file=key, device="thread")
+    _swap_scheme_refused(folder, "shielded", key)

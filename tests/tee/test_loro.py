@@ -39,12 +39,16 @@ def test_device_holds_only_masked_weights_sealed_pads_and_no_norms():
 
 
 def test_invalid_options():
-    with pytest.raises(ConfigError, match="pads must be"):
+    with pytest.raises(ConfigError, match="loro: option 'pads' expects one of 'fresh', 'fixed'"):
         veil.load("tiny-llama", scheme="loro", pads="sometimes")
     with pytest.raises(ConfigError, match="loro"):
         veil.load("tiny-llama", scheme="loro", colour="blue")
     with pytest.raises(ConfigError, match="attention_mixing"):
         veil.load("tiny-llama", scheme="loro", attention_mixing="shuffle")
+    with pytest.raises(ConfigError, match="loro: option 'rank' must be ≥ 1, got 0"):
+        veil.load("tiny-llama", scheme="loro", rank=0)
+    with pytest.raises(ConfigError, match="device_threads.*need device='process'"):
+        veil.load("tiny-llama", scheme="loro", device_threads=2)
 
 
 @pytest.mark.default_model
@@ -72,12 +76,12 @@ def test_default_device_view_audit_and_resident_secrets(default_model):
 
 def test_placement_matches_the_device_view():
     """What `veil explain --scheme loro` says the device holds is what it holds."""
-    from veil.placement import placement
+    from veil.schemes import get
 
     loro = veil.load("tiny-gpt2", scheme="loro", record_view=True)
     loro.generate([1, 2, 3], max_new_tokens=3)
     view = loro.device_view()
-    held = {row.op for row in placement("loro") if row.device_holds != "—"}
+    held = {row.op for row in get("loro").placement if row.device_holds != "—"}
     assert held == {"embedding lookup", "q/k/v, o, gate/up, down", "attention", "LM head",
                     "pad products g·W'ᵀ (made offline)"}
     assert {"kv_cache.k", "kv_cache.v", "embed.weight"} <= set(view.resident)
@@ -114,8 +118,8 @@ def test_round_trips_per_decode_step(preset, gated):
     """One decode step = per layer: q/k/v, attention, o, gate/up (or up), down — plus the
     embedding rows (and gpt2's position rows) and the LM head. A change that adds a round trip fails."""
     loro = veil.load(preset, scheme="loro")
-    one = loro.generate([1, 2, 3], max_new_tokens=1).cost.split["round_trips"]
-    two = loro.generate([1, 2, 3], max_new_tokens=2).cost.split["round_trips"]
+    one = loro.generate([1, 2, 3], max_new_tokens=1).cost.split.round_trips
+    two = loro.generate([1, 2, 3], max_new_tokens=2).cost.split.round_trips
     tables = 1 if gated else 2
     assert two - one == 5 * loro.cfg.n_layers + tables + 1
 
@@ -127,8 +131,8 @@ def test_cost_reports_both_sides():
     loro = veil.load("tiny-llama", scheme="loro")
     cost = loro.generate([1, 2, 3, 4], max_new_tokens=5, ignore_eos=True).cost
     s = cost.split
-    assert s["device_flops"] == cost.flops
-    assert s["enclave_flops"] > 0
-    assert s["device_busy_s"] > 0 and 0 < s["enclave_wait_s"] < cost.prefill_s + cost.decode_s
-    assert s["offline_flops"] > 0 and s["offline_s"] > 0
+    assert s.device_flops == cost.flops
+    assert s.enclave_flops > 0
+    assert s.device_busy_s > 0 and 0 < s.enclave_wait_s < cost.prefill_s + cost.decode_s
+    assert s.offline_flops > 0 and s.offline_s > 0
     assert "device busy" in cost.summary()

@@ -34,7 +34,7 @@ def test_pad_products_live_on_the_device_not_in_the_enclave():
     assert pool.nbytes() == 64                                       # two keys
     stored = sum(t.nbytes for k, t in loro.device_view().resident.items() if k.startswith("pads."))
     assert stored == pool.cost.stored_bytes // pool.cost.rows * pool.capacity > 0
-    assert cost.split["pad_bytes_used"] > 0
+    assert cost.split.pad_bytes_used > 0
     # fetched with the linear requests: no round trip added (see test_round_trips_per_decode_step)
 
 

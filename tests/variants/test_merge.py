@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import veil
+from conftest import student
 from veil.backends.plain import TorchOps
 from veil.errors import CheckpointError, ConfigError
 from veil.model import native, zoo
@@ -19,20 +20,6 @@ from veil.mpc.program import generate_plaintext, params_of
 from veil.mpc.spu_runtime import MpcConfig, simulate
 from veil.model.ops import Step
 from veil.variants.merge import calibrate, merge, student_weights, variant_config
-
-
-def student(preset: str, variant: str = "merge", context: int = 32, seed: int = 0,
-            calibrated: bool = True):
-    base = zoo.preset(preset)
-    w = zoo.random_weights(base, seed)
-    cfg = variant_config(base, variant, context)
-    ids = torch.randint(0, base.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
-    calib = calibrate(base, w, [ids], context) if calibrated else None
-    sw = student_weights(base, w, cfg, calib)
-    g = torch.Generator().manual_seed(seed + 1)
-    # a trained table is far from the uniform init: make the test see real mixing
-    return cfg, {k: v + 0.5 * torch.randn(v.shape, generator=g) if k.endswith("const") else v
-                 for k, v in sw.items()}
 
 
 def full_step(T: int, B: int = 1) -> Step:

@@ -160,13 +160,13 @@ def audit_run(model: str, scheme: str, prompt: list[int], max_new_tokens: int = 
     """Generate under `scheme` with the device view recorded, replay the same generation in plain
     with every activation kept, and audit the view against both."""
     import veil
-    from veil.api import Model
+    from veil.model.generate import SamplingConfig, generate_ids
 
-    protected = veil.load(model, scheme=scheme, record_view=True, **options)
-    plain = veil.load(model)
-    recorder = RecordingOps(plain.cfg, plain.ops.w)
-    Model(plain.cfg, recorder, "plain", None, "audit").generate(prompt, max_new_tokens=max_new_tokens)
-    protected.generate(prompt, max_new_tokens=max_new_tokens)
-    view = protected.device_view()
-    return audit(list(view.resident.items()) + stack_by_tag(view.received), plain.ops.w,
-                 dict(stack_by_tag(recorder.records)))
+    with veil.load(model, scheme=scheme, record_view=True, **options) as protected, \
+            veil.load(model) as plain:
+        recorder = RecordingOps(plain.cfg, plain.ops.w)
+        generate_ids(plain.cfg, recorder, [prompt], SamplingConfig(max_new_tokens=max_new_tokens))
+        protected.generate(prompt, max_new_tokens=max_new_tokens)
+        view = protected.device_view()
+        return audit(list(view.resident.items()) + stack_by_tag(view.received), plain.ops.w,
+                     dict(stack_by_tag(recorder.records)))

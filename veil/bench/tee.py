@@ -22,13 +22,27 @@ from typing import Any
 
 import torch
 
+from veil.cost import SplitCost
+from veil.schemes import SCHEMES
+from veil.schemes.tee import DeviceOptions, TeeSession
+
 LONG_PROMPT = 256
-# (label, scheme, options). "loro-paper": the public code's settings (one pad per layer, reused;
-# attention under permutations only) — weaker, kept to show what veil's hardening costs.
-CONTENDERS = (("plain", "plain", {}), ("shielded", "shielded", {}), ("loro", "loro", {}),
-              ("loro-paper", "loro", {"pads": "fixed", "attention_mixing": "permute"}),
-              ("tlg", "tlg", {}), ("soter", "soter", {}), ("nnsplitter", "nnsplitter", {}),
-              ("shadownet", "shadownet", {}))
+# Tuned rows beside the registry's defaults: (label, scheme, options). "loro-paper": the public
+# code's settings (one pad per layer, reused; attention under permutations only) — weaker, kept
+# to show what veil's hardening costs.
+EXTRA_ROWS = (("loro-paper", "loro", {"pads": "fixed", "attention_mixing": "permute"}),)
+
+
+def contenders() -> list[tuple[str, str, dict[str, Any]]]:
+    """Every host and TEE scheme of the registry with its defaults, then the tuned rows (after
+    the scheme they tune)."""
+    from veil.schemes import of_kind
+
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    for s in of_kind("host") + of_kind("tee"):
+        rows.append((s.name, s.name, {}))
+        rows += [r for r in EXTRA_ROWS if r[1] == s.name]
+    return rows
 
 
 def _pin() -> tuple[int | None, bool]:
@@ -49,28 +63,33 @@ def _counts(model: Any, ids: list[int], weight_bytes: float) -> dict[str, Any]:
     one = model.generate(ids, max_new_tokens=1, ignore_eos=True).cost
     two = model.generate(ids, max_new_tokens=2, ignore_eos=True).cost
 
-    def make(flops: float, s: dict[str, float]) -> SplitCounts:
+    def make(flops: float, s: SplitCost | None) -> SplitCounts:
         if model.scheme == "plain":
             return SplitCounts.accelerator_only(flops, weight_bytes)
-        if not s:   # shielded: everything in the enclave
+        if s is None:   # shielded: everything in the enclave
             return SplitCounts(flops, weight_bytes, 0, 0, 0, 0, 0, 0)
-        overlap = s.get("enclave_overlap_flops", 0.0)
-        return SplitCounts(flops, weight_bytes, s["device_flops"], s["device_weight_bytes"],
-                           overlap, s["enclave_flops"] - overlap,
-                           s["bytes_sent"] + s["bytes_received"],   # sealed pad products included
-                           s["round_trips"], s.get("enclave_crypto_bytes", 0.0))
+        return SplitCounts(flops, weight_bytes, s.device_flops, s.device_weight_bytes,
+                           s.enclave_overlap_flops, s.enclave_flops - s.enclave_overlap_flops,
+                           s.moved_bytes,   # sealed pad products included
+                           s.round_trips, s.enclave_crypto_bytes)
 
-    step = {k: two.split[k] - one.split.get(k, 0) for k in two.split}
-    if "device_weight_bytes" in two.split:
-        step["device_weight_bytes"] = two.split["device_weight_bytes"]
+    step = two.split.since(one.split) if two.split is not None and one.split is not None else None
     out = {"prefill": counts_row(make(one.flops, one.split)),
            "decode": counts_row(make(two.flops - one.flops, step))}
-    if "offline_flops" in two.split:
+    if two.split is not None and two.split.offline_flops:
         rows = len(ids) + 2      # the pool is filled for the whole context before prefill
-        out["offline_flops_per_token"] = two.split["offline_flops"] / rows
-        out["offline_s_per_token"] = two.split["offline_s"] / rows
-        out["pad_bytes_per_token"] = step.get("pad_bytes_used", 0)
+        out["offline_flops_per_token"] = two.split.offline_flops / rows
+        out["offline_s_per_token"] = two.split.offline_s / rows
+        out["pad_bytes_per_token"] = step.pad_bytes_used if step is not None else 0
     return out
+
+
+def resident_secret_bytes(m: Any, weight_bytes: float) -> float:
+    """What the enclave keeps in its memory: a split scheme says (its enclave Ops count it);
+    `shielded` keeps the whole model; `plain` has no enclave."""
+    if isinstance(m.session, TeeSession):
+        return m.ops.resident_secret_bytes()
+    return weight_bytes if m.scheme == "shielded" else 0.0
 
 
 def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]:
@@ -80,9 +99,13 @@ def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]
     split_opts = {"device": "process", "device_threads": 1}
     if device_cpu is not None:
         split_opts["device_cpus"] = [device_cpu]
-    models = {label: veil.load(model_name, scheme=s,
-                               **(opts if s in ("plain", "shielded") else {**opts, **split_opts}))
-              for label, s, opts in CONTENDERS}
+
+    def options(scheme: str, opts: dict[str, Any]) -> dict[str, Any]:
+        takes_device = issubclass(SCHEMES[scheme].options, DeviceOptions)
+        return {**opts, **split_opts} if takes_device else opts
+
+    models = {label: veil.load(model_name, scheme=s, **options(s, opts))
+              for label, s, opts in contenders()}
     plain = models["plain"]
     ids = plain.encode(prompt) if plain.tokenizer is not None else [1, 2, 3, 4, 5, 6]
     weight_bytes = float(sum(t.nbytes for t in plain.ops.w.values()))
@@ -96,12 +119,10 @@ def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]
     for s, m in models.items():
         m.generate(ids, max_new_tokens=4, ignore_eos=True)   # warm-up
         r = m.generate(ids, max_new_tokens=n, ignore_eos=True)
-        resident = getattr(m.ops, "resident_secret_bytes", None)
         out["schemes"][s] = {
             "max_abs_logit_err_vs_plain": float((m.logits([ids]) - ref_logits).abs().max()),
             "same_tokens_as_plain": r.token_ids == ref_tokens,
-            "resident_secret_bytes": (resident() if resident is not None
-                                      else weight_bytes if s == "shielded" else 0),
+            "resident_secret_bytes": resident_secret_bytes(m, weight_bytes),
             "decode_tokens_per_s": [], "prefill_s": [], "device_busy_frac": [],
             "enclave_wait_frac": [], **_counts(m, long_ids, weight_bytes)}
     for _ in range(repeats):
@@ -111,16 +132,15 @@ def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]
             row["decode_tokens_per_s"].append(c.decode_tokens_per_s)
             row["prefill_s"].append(c.prefill_s)
             wall = c.prefill_s + c.decode_s
-            row["device_busy_frac"].append(c.split.get("device_busy_s", 0.0) / wall)
-            row["enclave_wait_frac"].append(c.split.get("enclave_wait_s", 0.0) / wall)
+            split = c.split if c.split is not None else SplitCost()
+            row["device_busy_frac"].append(split.device_busy_s / wall)
+            row["enclave_wait_frac"].append(split.enclave_wait_s / wall)
     for m in models.values():
-        close = getattr(m.ops, "close", None)
-        if close is not None:
-            close()
+        m.close()
     # resident secrets without factor multiplexing (no timing needed)
-    m = veil.load(model_name, scheme="loro", bank=0)
-    out["schemes"]["loro"]["resident_secret_bytes_no_multiplexing"] = m.ops.resident_secret_bytes()
-    m.ops.close()
+    with veil.load(model_name, scheme="loro", bank=0) as m:
+        out["schemes"]["loro"]["resident_secret_bytes_no_multiplexing"] = \
+            m.ops.resident_secret_bytes()
     return out
 
 

@@ -10,7 +10,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -121,112 +121,188 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]]) -> None:
                              f"[0, {cfg.vocab_size})")
 
 
-def generate_ids(cfg: ModelConfig, ops: Ops, prompts: Sequence[Sequence[int]], s: SamplingConfig,
-                 stop_check: Callable[[int, list[int]], bool] | None = None,
-                 on_token: Callable[[int, int], None] | None = None,
-                 ) -> tuple[list[RowResult], GenerationTrace]:
-    """Generate for a batch of token-id prompts.
+def sampler(s: SamplingConfig) -> torch.Generator | None:
+    """The generator of a sampled generation (None when greedy). Sampling is the user's own
+    randomness, not a secret of any scheme: a seed makes it reproducible."""
+    if s.greedy:
+        return None
+    return torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
 
-    Args:
-        stop_check: called with (row, generated ids) after each token; True ends that row
-            (the caller's stop strings live here, since they need the tokenizer).
-        on_token: called with (row, token id) as each token is produced (streaming).
-    """
+
+@dataclass(frozen=True)
+class Batch:
+    """A left-padded batch of prompts: ids (B, T0), its prefill `Step`, and the cache capacity
+    the generation needs."""
+
+    ids: torch.Tensor
+    prefill: Step
+    capacity: int
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+    def decode_step(self, i: int) -> Step:
+        """The `Step` of decode step i (0 = the first token after the prompt): one new token per
+        row, at cache slot T0 + i."""
+        positions = self.prefill.positions[:, -1:] + 1 + i                    # (B, 1)
+        return Step(positions, self.prefill.key_valid, self.width + i)
+
+
+def start_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], s: SamplingConfig) -> Batch:
+    """Check and pad `prompts`; the cache holds the prompt and the tokens asked for, within the
+    model's context."""
     check_prompts(cfg, prompts)
-    gen = None
-    if not s.greedy:
-        gen = torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     ids, mask = pad_batch(prompts, pad_id)
     B, T0 = ids.shape
     capacity = min(T0 + s.max_new_tokens, cfg.max_seq_len)
     valid = torch.ones((B, capacity), dtype=torch.bool)
     valid[:, :T0] = mask
-    prefill = padded_step(mask, valid)
-    key_valid = prefill.key_valid
-    next_pos = prefill.positions[:, -1] + 1                               # (B,)
+    return Batch(ids, padded_step(mask, valid), capacity)
 
-    trace = GenerationTrace(prompt_tokens=int(mask.sum()))
-    rows = [RowResult() for _ in range(B)]
-    done = [False] * B
-    cache = ops.new_cache(B, capacity)
+
+class Finisher:
+    """The finish rules of a generation, row by row, in order: EOS, stop strings, the length
+    asked for, the model's context. Every way of generating feeds its tokens through one of these,
+    so a rule holds for every scheme alike.
+
+    stop_check: called with (row, generated ids) after each token; True ends that row (the
+    caller's stop strings live here, since they need the tokenizer).
+    on_token: called with (row, token id) as each token is accepted (streaming)."""
+
+    def __init__(self, cfg: ModelConfig, s: SamplingConfig, batch: int,
+                 stop_check: Callable[[int, list[int]], bool] | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> None:
+        self.cfg, self.s, self.stop_check, self.on_token = cfg, s, stop_check, on_token
+        self.rows = [RowResult() for _ in range(batch)]
+        self.done = [False] * batch
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def push(self, r: int, tok: int, next_slot: int | None = None) -> bool:
+        """Accept row r's next token; True when the row is finished. `next_slot`: the cache slot
+        the token would be written to by the next step (stepped generation), for the context
+        rule; None when the length was fixed up front."""
+        row = self.rows[r]
+        row.token_ids.append(tok)
+        if self.on_token is not None:
+            self.on_token(r, tok)
+        if self.s.stop_on_eos and tok in self.cfg.eos_token_ids:
+            row.finish_reason = "eos"
+        elif self.stop_check is not None and self.stop_check(r, row.token_ids):
+            row.finish_reason = "stop"
+        elif len(row.token_ids) >= self.s.max_new_tokens:
+            row.finish_reason = "length"
+        elif next_slot is not None and next_slot + 1 >= self.cfg.max_seq_len:
+            row.finish_reason = "context"   # prompt + generated fill the context
+        else:
+            return False
+        self.done[r] = True
+        return True
+
+    def push_step(self, tokens: torch.Tensor, next_slot: int) -> None:
+        """One token (B,) for every row still going."""
+        for r in range(len(self.rows)):
+            if not self.done[r]:
+                self.push(r, int(tokens[r]), next_slot)
+
+    def take_fixed(self, r: int, tokens: Iterable[int]) -> None:
+        """Row r's tokens from a generation whose length was fixed up front (embedding resending,
+        MPC): accepted until a rule ends the row; consumed lazily, so a sampled row draws only
+        what it keeps. A row that ran out before its length was cut short by the context."""
+        for tok in tokens:
+            if self.push(r, int(tok)):
+                return
+        self.rows[r].finish_reason = "context"
+        self.done[r] = True
+
+
+def prefill(cfg: ModelConfig, ops: Ops, batch: Batch, cache: Any) -> Any:
+    """The prompt's forward: logits (B, 1, V) of each row's last position."""
+    return forward(cfg, ops, batch.ids, batch.prefill, cache, last_only=True)
+
+
+def decode_one(cfg: ModelConfig, ops: Ops, tokens: torch.Tensor, step: Step, cache: Any) -> Any:
+    """One decode step: the tokens (B,) just picked → logits (B, 1, V) of the next."""
+    return forward(cfg, ops, tokens[:, None], step, cache)
+
+
+def generate_ids(cfg: ModelConfig, ops: Ops, prompts: Sequence[Sequence[int]], s: SamplingConfig,
+                 stop_check: Callable[[int, list[int]], bool] | None = None,
+                 on_token: Callable[[int, int], None] | None = None,
+                 ) -> tuple[list[RowResult], GenerationTrace]:
+    """Generate for a batch of token-id prompts through `ops`: prefill, then one decode step per
+    token, until the `Finisher` ends every row (see it for stop_check and on_token)."""
+    batch = start_batch(cfg, prompts, s)
+    gen = sampler(s)
+    fin = Finisher(cfg, s, batch.ids.shape[0], stop_check, on_token)
+    trace = GenerationTrace(prompt_tokens=int(sum(len(p) for p in prompts)))
+    cache = ops.new_cache(batch.ids.shape[0], batch.capacity)
     if cfg.generation == "embedding_resend":
-        return _generate_resend(cfg, ops, ids, prefill, s, gen, cache, rows, trace,
-                                stop_check, on_token)
+        _generate_resend(cfg, ops, batch, s, gen, cache, fin, trace)
+        return fin.rows, trace
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = forward(cfg, ops, ids, prefill, cache, last_only=True)
+        logits = prefill(cfg, ops, batch, cache)
         trace.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        slot = T0
+        i = 0
         while True:
             nxt = pick_next(logits[:, -1].float(), s, gen)                 # (B,)
-            for r in range(B):
-                if done[r]:
-                    continue
-                tok = int(nxt[r])
-                rows[r].token_ids.append(tok)
-                if on_token is not None:
-                    on_token(r, tok)
-                if s.stop_on_eos and tok in cfg.eos_token_ids:
-                    rows[r].finish_reason, done[r] = "eos", True
-                elif stop_check is not None and stop_check(r, rows[r].token_ids):
-                    rows[r].finish_reason, done[r] = "stop", True
-                elif len(rows[r].token_ids) >= s.max_new_tokens:
-                    done[r] = True
-                elif slot + 1 >= cfg.max_seq_len:  # prompt + generated fill the context
-                    rows[r].finish_reason, done[r] = "context", True
-            if all(done):
+            fin.push_step(nxt, batch.width + i)
+            if fin.all_done:
                 break
-            step = Step(next_pos[:, None], key_valid, slot)
-            logits = forward(cfg, ops, nxt[:, None], step, cache)
-            next_pos = next_pos + 1
-            slot += 1
+            logits = decode_one(cfg, ops, nxt, batch.decode_step(i), cache)
+            i += 1
             trace.decode_steps += 1
         trace.decode_s = time.perf_counter() - t0
-    return rows, trace
+    return fin.rows, trace
 
 
-def _generate_resend(cfg: ModelConfig, ops: Ops, ids: torch.Tensor, prefill: Step,
-                     s: SamplingConfig, gen: torch.Generator | None, cache: object,
-                     rows: list[RowResult], trace: GenerationTrace,
-                     stop_check: Callable[[int, list[int]], bool] | None,
-                     on_token: Callable[[int, int], None] | None,
-                     ) -> tuple[list[RowResult], GenerationTrace]:
+def _generate_resend(cfg: ModelConfig, ops: Ops, batch: Batch, s: SamplingConfig,
+                     gen: torch.Generator | None, cache: Any, fin: Finisher,
+                     trace: GenerationTrace) -> None:
     """MERGE's embedding resending: the last hidden state is fed back as the next input
     embedding, so the loop has no LM head, sampling or embedding lookup; the LM head runs once
     over all kept states and the tokens are read off afterwards. The length is fixed up front
-    (the loop never sees a token), and stop rules cut the finished text."""
-    B, T0 = ids.shape
-    n_new = min(s.max_new_tokens, cfg.max_seq_len - T0)
+    (the loop never sees a token), and the finish rules cut each row afterwards."""
+    n_new = min(s.max_new_tokens, cfg.max_seq_len - batch.width)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        h = hidden_states(cfg, ops, ids, prefill, cache)[:, -1:]         # (B, 1, d)
+        h = hidden_states(cfg, ops, batch.ids, batch.prefill, cache)[:, -1:]   # (B, 1, d)
         trace.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         kept = [h]
-        next_pos = prefill.positions[:, -1:] + 1                          # (B, 1)
-        for slot in range(T0, T0 + n_new - 1):
-            h = hidden_states(cfg, ops, None, Step(next_pos, prefill.key_valid, slot), cache,
-                              embeds=h)
+        for i in range(n_new - 1):
+            h = hidden_states(cfg, ops, None, batch.decode_step(i), cache, embeds=h)
             kept.append(h)
-            next_pos = next_pos + 1
             trace.decode_steps += 1
         logits = ops.lm_head(torch.cat(kept, dim=1)).float()              # (B, n_new, V)
         trace.decode_s = time.perf_counter() - t0
-    for r in range(B):
-        for j in range(n_new):
-            tok = int(pick_next(logits[r:r + 1, j], s, gen)[0])
-            rows[r].token_ids.append(tok)
-            if on_token is not None:
-                on_token(r, tok)
-            if s.stop_on_eos and tok in cfg.eos_token_ids:
-                rows[r].finish_reason = "eos"
-                break
-            if stop_check is not None and stop_check(r, rows[r].token_ids):
-                rows[r].finish_reason = "stop"
-                break
-        else:
-            if n_new < s.max_new_tokens:
-                rows[r].finish_reason = "context"
-    return rows, trace
+    for r in range(batch.ids.shape[0]):
+        fin.take_fixed(r, (int(pick_next(logits[r:r + 1, j], s, gen)[0]) for j in range(n_new)))
+
+
+def generate_fixed(cfg: ModelConfig,
+                   run: Callable[[list[int], SamplingConfig], tuple[list[int], GenerationTrace]],
+                   prompts: Sequence[Sequence[int]], s: SamplingConfig,
+                   stop_check: Callable[[int, list[int]], bool] | None = None,
+                   on_token: Callable[[int, int], None] | None = None,
+                   ) -> tuple[list[RowResult], GenerationTrace]:
+    """Generation by a protocol that must produce exactly the length asked for (MPC: stopping at
+    EOS would tell the other parties how long the answer is). `run(prompt, s)` returns the
+    prompt's tokens and timings; the same finish rules then cut them, as the client would."""
+    check_prompts(cfg, prompts)
+    fin = Finisher(cfg, s, len(prompts), stop_check, on_token)
+    trace = GenerationTrace()
+    for r, prompt in enumerate(prompts):
+        tokens, t = run([int(x) for x in prompt], s)
+        fin.take_fixed(r, tokens)
+        trace.prefill_s += t.prefill_s
+        trace.decode_s += t.decode_s
+        trace.prompt_tokens += t.prompt_tokens
+        trace.decode_steps += t.decode_steps
+    return fin.rows, trace

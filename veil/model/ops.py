@@ -9,7 +9,7 @@ model the backend cannot run, naming the op, instead of silently falling back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from veil.errors import UnsupportedError
 from veil.model.config import ModelConfig
@@ -38,8 +38,9 @@ class Ops(Protocol):
     """What a backend provides. `X` is the backend's tensor type, laid out (B, T, features)."""
 
     name: str
-    support: dict[str, frozenset[str]]
+    support: Mapping[str, frozenset[str]]
 
+    def new_cache(self, batch: int, capacity: int) -> Any: ...  # a KV cache for `capacity` slots
     def embed(self, ids: Any) -> Any: ...                      # (B, T) ids → (B, T, d)
     def pos_embed(self, positions: Any) -> Any: ...            # (B, T) → (B, T, d)
     def norm(self, x: Any, name: str) -> Any: ...              # (B, T, d) → (B, T, d)
@@ -56,11 +57,12 @@ class Ops(Protocol):
     def lm_head(self, x: Any) -> Any: ...                      # (B, T, d) → (B, T, V)
 
 
-def check_support(ops: Ops, cfg: ModelConfig) -> None:
-    """Raise `UnsupportedError` naming the first op variant `ops` cannot execute for `cfg`."""
+def check_support(support: Mapping[str, frozenset[str]], cfg: ModelConfig, who: str) -> None:
+    """Raise `UnsupportedError` naming the first op variant of `cfg` that the table `support` (of
+    a backend, or a scheme: `who`) does not list."""
     for op, knob in VARIANT_KNOBS.items():
         value = getattr(cfg, knob)
-        allowed = ops.support.get(op, frozenset())
+        allowed = support.get(op, frozenset())
         if value not in allowed:
-            raise UnsupportedError(f"backend {ops.name!r} cannot run {op}={value!r} "
+            raise UnsupportedError(f"{who} cannot run {op}={value!r} "
                                    f"(it supports: {', '.join(sorted(allowed)) or 'nothing'})")

@@ -43,16 +43,16 @@ class MpcConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"mpc: protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
+            raise ConfigError(f"option 'protocol' must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         if self.field not in FIELDS:
-            raise ConfigError(f"mpc: field must be one of {sorted(FIELDS)}, got {self.field!r}")
+            raise ConfigError(f"option 'field' must be one of {sorted(FIELDS)}, got {self.field!r}")
         limit = 62 if self.field == "fm128" else 30
         if not 8 <= self.fxp_bits <= limit:
-            raise ConfigError(f"mpc: fxp_bits must be in [8, {limit}] for {self.field}, got {self.fxp_bits}")
+            raise ConfigError(f"option 'fxp_bits' must be in [8, {limit}] for {self.field}, got {self.fxp_bits}")
         if not isinstance(self.weight_cache, bool):
-            raise ConfigError(f"mpc: weight_cache must be true or false, got {self.weight_cache!r}")
+            raise ConfigError(f"option 'weight_cache' must be true or false, got {self.weight_cache!r}")
         if self.reveal not in ("tokens", "logits"):
-            raise ConfigError(f"mpc: reveal must be 'tokens' or 'logits', got {self.reveal!r}")
+            raise ConfigError(f"option 'reveal' must be 'tokens' or 'logits', got {self.reveal!r}")
 
     def agreement(self, cfg: ModelConfig) -> bytes:
         """What every party must agree on for the protocol to line up (settings that change

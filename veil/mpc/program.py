@@ -60,7 +60,7 @@ def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps, argmax: bool = T
     hooks (plain jax, or SPU-friendly forms). Without `argmax` the step ends at the logits
     (params, onehot, k, v, start, positions) → (logits, k', v'): the client receives them,
     picks the token and inputs its one-hot itself (`MpcConfig.reveal == "logits"`)."""
-    check_support(ops_cls(cfg, {}), cfg)
+    check_support(ops_cls.support, cfg, f"backend {ops_cls.name!r}")
 
     def step(params: dict[str, Any], onehot: Any, k: list[Any], v: list[Any], start: Any,
              positions: Any, key_valid: Any = None) -> tuple:
@@ -81,7 +81,7 @@ def make_resend_step(cfg: ModelConfig, first: bool, ops_cls: type[JaxOps] = JaxO
     """MERGE's loop step: (params, x, k, v, start, positions) → (h, k', v'), h (B, 1, d) the last
     hidden state — both the state kept for the LM head and the next step's input. The first step
     takes the prompt's one-hot rows (real embeddings), later ones the previous h."""
-    check_support(ops_cls(cfg, {}), cfg)
+    check_support(ops_cls.support, cfg, f"backend {ops_cls.name!r}")
 
     def step(params: dict[str, Any], x: Any, k: list[Any], v: list[Any], start: Any,
              positions: Any) -> tuple:

@@ -22,17 +22,37 @@ from typing import Any, Protocol
 import torch
 
 from veil.backends.plain import TorchOps
+from veil.cost import SplitCost
 from veil.csprng import SecretRng
 from veil.errors import ProtocolAbort
 from veil.model.config import ModelConfig
 from veil.model.ops import Step
 from veil.tee.channel import Channel
 from veil.tee.integrity import Freivalds
+from veil.tee.pads import PadCost
 from veil.tee.wire import Message
 
 
 class LinearProtocol(Protocol):
-    """How a scheme hides a linear layer y = x Wᵀ + b from the device holding its W'."""
+    """How a scheme hides a linear layer y = x Wᵀ + b from the device holding its W'.
+
+    enclave_flops / overlap_flops: running totals of the protocol's own work in the enclave, and
+    the part of it done while the device computes (`precompute`)."""
+
+    enclave_flops: int
+    overlap_flops: int
+
+    def prepare(self, rows: int) -> None:
+        """Offline work before a generation of `rows` rows (LoRO: the pads' products)."""
+
+    def pad_cost(self) -> PadCost | None:
+        """The offline pad work so far (None for a protocol without pads)."""
+
+    def nbytes(self) -> int:
+        """Enclave memory the protocol holds beyond the model's local parameters."""
+
+    def wipe(self) -> None:
+        """Zero the protocol's secrets (the session is over)."""
 
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """(N, in) true input → (what the device receives, private context)."""
@@ -156,6 +176,22 @@ class HeadMixing:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.q_heads, self.k_heads, self.r, self.s))
 
+    def wipe(self) -> None:
+        for t in (self.q_heads, self.k_heads, self.r, self.s, self._q_inv, self._s_t):
+            t.zero_()
+
+
+_MIXING_FIELDS = ("q_heads", "k_heads", "r", "s")
+
+
+def seal_mixings(perms: list[HeadMixing]) -> dict[str, torch.Tensor]:
+    """Per-layer head mixings as named tensors for a sealed file ("mix.<layer>.<field>")."""
+    return {f"mix.{i}.{f}": getattr(p, f) for i, p in enumerate(perms) for f in _MIXING_FIELDS}
+
+
+def unseal_mixings(t: dict[str, torch.Tensor], layers: int) -> list[HeadMixing]:
+    return [HeadMixing(*(t[f"mix.{i}.{f}"] for f in _MIXING_FIELDS)) for i in range(layers)]
+
 
 class EnclaveOps(TorchOps):
     """Ops for the enclave: local elementwise work, device calls for linears and attention."""
@@ -171,32 +207,37 @@ class EnclaveOps(TorchOps):
         self.verifier = verifier
         self.mixing_flops = 0       # head-mixing matmuls (enclave, on the critical path)
 
-    def cost_counters(self) -> dict[str, float]:
-        """Running totals of this enclave's traffic and work (see `Cost.split`)."""
+    def cost_counters(self) -> SplitCost:
+        """Running totals of this enclave's traffic and work, and the device's as it reports
+        them."""
         dev = self.channel.call_uncounted("stats").args
         st = self.channel.stats
-        out = {"bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
-               "round_trips": st.round_trips, "enclave_wait_s": st.wait_s,
-               "enclave_flops": getattr(self.protocol, "enclave_flops", 0) + self.mixing_flops,
-               "enclave_overlap_flops": getattr(self.protocol, "overlap_flops", 0),
-               "device_flops": float(dev.get("flops", 0)), "device_busy_s": float(dev.get("busy_s", 0)),
-               "device_weight_bytes": float(dev.get("resident_bytes", 0)),
-               "device_store_bytes": float(dev.get("store_bytes", 0))}
-        pool = getattr(self.protocol, "pool", None)
-        if pool is not None:
-            out["offline_flops"], out["offline_s"] = pool.cost.flops, pool.cost.seconds
-            out["pad_bytes_used"] = pool.cost.used_bytes
-            out["offline_bytes"] = pool.cost.stored_bytes
-            out["enclave_crypto_bytes"] = pool.cost.crypto_bytes
-        return out
+        pads = self.protocol.pad_cost() or PadCost()
+        return SplitCost(
+            bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
+            round_trips=st.round_trips, enclave_wait_s=st.wait_s,
+            enclave_flops=self.protocol.enclave_flops + self.mixing_flops,
+            enclave_overlap_flops=self.protocol.overlap_flops,
+            enclave_crypto_bytes=pads.crypto_bytes,
+            device_flops=int(dev.get("flops", 0)), device_busy_s=float(dev.get("busy_s", 0)),
+            device_weight_bytes=int(dev.get("resident_bytes", 0)),
+            device_store_bytes=int(dev.get("store_bytes", 0)),
+            offline_flops=pads.flops, offline_s=pads.seconds, offline_bytes=pads.stored_bytes,
+            pad_bytes_used=pads.used_bytes)
+
+    def wipe(self) -> None:
+        """Zero the secrets this enclave made: head mixings, check vectors, the protocol's."""
+        for p in self.perms:
+            p.wipe()
+        if self.verifier is not None:
+            self.verifier.wipe()
+        self.protocol.wipe()
 
     def new_cache(self, batch: int, capacity: int) -> None:
         c = self.cfg
         self.channel.call("cache", layers=c.n_layers, batch=batch, capacity=capacity,
                           kv_heads=c.n_kv_heads, head_dim=c.head_dim)
-        prepare = getattr(self.protocol, "prepare", None)
-        if prepare is not None:
-            prepare(batch * capacity)
+        self.protocol.prepare(batch * capacity)
         return None
 
     def _rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:

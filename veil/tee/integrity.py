@@ -45,6 +45,11 @@ class Freivalds:
         _verify(rows.double() @ w, self.table_proj[name][ids], rows.double().abs() @ w.abs(),
                 f"device rows of {name}")
 
+    def wipe(self) -> None:
+        for d in (self.r, self.u, self.table_w, self.table_proj):
+            for t in d.values():
+                t.zero_()
+
     def nbytes(self) -> int:
         return sum(t.nbytes for d in (self.r, self.u, self.table_w, self.table_proj)
                    for t in d.values())

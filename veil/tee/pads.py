@@ -207,6 +207,15 @@ class PadPool:
                                  f"or stale)") from None
         return torch.frombuffer(bytearray(plain), dtype=torch.float64).view(rows, -1)
 
+    def wipe(self) -> None:
+        """End of the session: zero the rows kept in the enclave, and replace both keys with new
+        ones nobody uses (Python cannot overwrite the old key bytes in place; dropping them is
+        what it can do), so nothing left on the device can be opened again."""
+        for t in [*self.pads.values(), *self.fixed_products.values()]:
+            t.zero_()
+        self.stream = PadStream()
+        self.aead = AESGCM(new_key())
+
     def nbytes(self) -> int:
         """Enclave memory: two 32-byte keys, plus the rows themselves in `fixed` mode."""
         return 64 + sum(t.nbytes for t in [*self.pads.values(), *self.fixed_products.values()])

@@ -1,9 +1,9 @@
 """The device as its own OS process, and the handle the enclave keeps on it.
 
-`python -m veil.tee.process WEIGHTS FD [--record]`: load the masked weights (safetensors), then
-serve the enclave on the inherited socket FD until it closes. The handle starts it, stops it, and
-makes sure it never outlives the enclave (the socket closes when the enclave dies, and the device
-exits on EOF; `stop` also terminates and reaps it, so no zombie is left).
+The device process is `python -m veil.tee.device_main WEIGHTS FD [--record] [--threads=N]`
+(veil/tee/device_main.py). The handle starts it, stops it, and makes sure it never outlives the
+enclave (the socket closes when the enclave dies, and the device exits on EOF; `stop` also waits
+for it and kills it after a bound, so no zombie is left).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,16 +23,21 @@ from safetensors import SafetensorError, safe_open
 from veil.errors import CheckpointError, ConfigError, IntegrityError, ProtocolAbort
 from veil.model.zoo import file_sha256
 from veil.tee.channel import Channel
-from veil.tee.device import DeviceState, serve, serve_in_thread
+from veil.tee.device import DeviceState, serve_in_thread
 
 
 class DeviceHandle:
-    """A running device: its channel, and its state when it runs in this process."""
+    """A running device: its channel, and its state when it runs in this process. `stop` (or, if
+    nobody calls it, a finaliser that runs before interpreter teardown) closes the channel, then
+    joins the device's thread or waits for its process — killing it after a bound — and removes
+    its scratch folder."""
 
     def __init__(self, channel: Channel, state: DeviceState | None = None,
                  proc: subprocess.Popen | None = None, thread: threading.Thread | None = None,
                  cleanup: Path | None = None) -> None:
-        self.channel, self.state, self.proc, self.thread, self.cleanup = channel, state, proc, thread, cleanup
+        self.channel, self.state, self.proc, self.thread = channel, state, proc, thread
+        # the finaliser holds what it must release, never the handle itself
+        self._stop = weakref.finalize(self, _release, channel, proc, thread, cleanup)
 
     @staticmethod
     def in_thread(weights: dict[str, torch.Tensor], record: bool) -> "DeviceHandle":
@@ -48,21 +54,20 @@ class DeviceHandle:
         on a machine shared with the enclave, 1 keeps the two from fighting over cores).
         cpus: the cores it may run on (benchmarks give enclave and device a core each)."""
         ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-m", "veil.tee.process", str(weights), str(theirs.fileno())]
+        cmd = [sys.executable, "-m", "veil.tee.device_main", str(weights), str(theirs.fileno())]
         if record:
             cmd.append("--record")
         if threads is not None:
             cmd.append(f"--threads={int(threads)}")
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
+        handle = DeviceHandle(Channel(ours, timeout_s, "device"), proc=proc, cleanup=cleanup)
         if cpus is not None:
             try:
                 os.sched_setaffinity(proc.pid, set(cpus))
             except (OSError, ValueError) as exc:
-                proc.kill()
-                proc.wait()
+                handle.stop()
                 raise ConfigError(f"cannot pin the device to cores {sorted(cpus)} ({exc})") from None
-        handle = DeviceHandle(Channel(ours, timeout_s, "device"), proc=proc, cleanup=cleanup)
         try:
             handle.channel.call("ping")  # the device answers once its weights are loaded
         except ProtocolAbort:
@@ -71,19 +76,23 @@ class DeviceHandle:
         return handle
 
     def stop(self) -> None:
-        self.channel.close()
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        if self.cleanup is not None:
-            shutil.rmtree(self.cleanup, ignore_errors=True)
-            self.cleanup = None
+        """Idempotent."""
+        self._stop()
 
-    def __del__(self) -> None:
-        self.stop()
+
+def _release(channel: Channel, proc: subprocess.Popen | None, thread: threading.Thread | None,
+             cleanup: Path | None, wait_s: float = 5.0) -> None:
+    channel.close()               # the device sees EOF and returns from its serve loop
+    if thread is not None:
+        thread.join(wait_s)
+    if proc is not None:
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=wait_s)
+    if cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
 
 
 class SafetensorsReader:
@@ -102,24 +111,3 @@ class SafetensorsReader:
 
     def weight(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(f"{name}.weight")
-
-
-def main(argv: list[str]) -> int:
-    weights, fd = Path(argv[0]), int(argv[1])
-    record = "--record" in argv[2:]
-    for arg in argv[2:]:
-        if arg.startswith("--threads="):
-            torch.set_num_threads(int(arg.split("=", 1)[1]))
-    # the device only answers: it waits for the enclave as long as the enclave lives, and the
-    # socket's EOF (the enclave closed or died) ends it
-    channel = Channel(socket.socket(fileno=fd), timeout_s=24 * 3600.0, peer="enclave")
-    state = DeviceState(record=record)
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            state.tensors[key] = f.get_tensor(key)
-    serve(channel, state)
-    return 0
-
-
-if __name__ == "__main__":
-    os._exit(main(sys.argv[1:]))

@@ -14,7 +14,7 @@ import torch
 
 from veil.backends.recording import RecordingOps
 from veil.csprng import SecretRng
-from veil.errors import ConfigError
+from veil.errors import ConfigError, IntegrityError
 from veil.model.forward import forward
 from veil.model.ops import Step
 from veil.model.config import ModelConfig
@@ -28,9 +28,6 @@ from veil.tee.integrity import Freivalds
 from veil.tee.pads import PadPool
 from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, input_groups,
                                    make_factors, masked_matrices, masked_weights)
-
-
-DEVICE_OPTIONS = ("record_view", "device", "device_threads", "device_cpus")
 
 
 def enclave_parameters(cfg: ModelConfig, weights: Weights) -> dict[str, torch.Tensor]:
@@ -83,47 +80,37 @@ class TeeModelOps(EnclaveOps):
         perms = sum(p.nbytes() for p in self.perms)
         local = sum(t.nbytes for t in self.w.values())
         checks = self.verifier.nbytes() if self.verifier is not None else 0
-        protocol = getattr(self.protocol, "nbytes", None)
         return (perms + local + checks + (self.bank.nbytes() if self.bank is not None else 0)
-                + (protocol() if protocol is not None else 0))
+                + self.protocol.nbytes())
 
     def close(self) -> None:
-        self.channel.close()
+        """Stop the device (closing the channel first), then wipe the enclave's secrets."""
         self.device.stop()
-
-
-def _loro_options(options: dict[str, Any]) -> tuple[LoroConfig, str]:
-    mixing = options.pop("attention_mixing", "rotate")
-    if mixing not in ("rotate", "permute"):
-        raise ConfigError(f"loro: attention_mixing must be 'rotate' or 'permute', got {mixing!r}")
-    try:
-        return LoroConfig(**options), mixing
-    except TypeError as exc:
-        raise ConfigError(f"loro: {exc}") from None
+        self.wipe()
 
 
 def protect_loro(cfg: ModelConfig, weights: Weights,
-                 options: dict[str, Any]) -> tuple[LoroSecrets, dict[str, torch.Tensor]]:
+                 lcfg: LoroConfig) -> tuple[LoroSecrets, dict[str, torch.Tensor]]:
     """The offline step (in the TEE, at the owner's): secrets to seal, and the device's weights."""
-    lcfg, mixing = _loro_options(dict(options))
     rng = SecretRng()
     bank = make_factors(cfg, weights, lcfg, rng)
     device_weights = masked_weights(cfg, weights, bank)
     calib = attention_calibration(cfg, weights, rng)
-    perms = [HeadMixing.sample(cfg, mixing, calib[i], rng=rng) for i in range(cfg.n_layers)]
-    return LoroSecrets(lcfg, mixing, bank, enclave_parameters(cfg, weights), perms), device_weights
+    perms = [HeadMixing.sample(cfg, lcfg.attention_mixing, calib[i], rng=rng)
+             for i in range(cfg.n_layers)]
+    return LoroSecrets(bank, enclave_parameters(cfg, weights), perms), device_weights
 
 
-def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, device: DeviceHandle,
+def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, lcfg: LoroConfig, device: DeviceHandle,
              weight_of: Callable[[str], torch.Tensor], verify: bool) -> TeeModelOps:
     """The online enclave over a running device."""
     def stash(names: list[str], start: int, capacity: int, blobs: list[torch.Tensor]) -> None:
         # offline traffic: the pool counts it itself (PadCost.stored_bytes)
         device.channel.call_uncounted("stash", blobs, names=names, start=start, capacity=capacity)
 
-    pool = PadPool(input_groups(cfg), secrets_.lcfg.pads, weight_of, stash)
+    pool = PadPool(input_groups(cfg), lcfg.pads, weight_of, stash)
     biases = {k: v for k, v in secrets_.local.items() if k.endswith(".bias") and "norm" not in k}
-    protocol = LoroProtocol(cfg, secrets_.bank, biases, pool, secrets_.lcfg.pad_ratio)
+    protocol = LoroProtocol(cfg, secrets_.bank, biases, pool, lcfg.pad_ratio)
     verifier = None
     if verify:
         names = masked_matrices(cfg)
@@ -135,17 +122,16 @@ def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, device: DeviceHandle,
                        verifier=verifier, device=device, bank=secrets_.bank, pool=pool)
 
 
-def start_device(device_weights: dict[str, torch.Tensor] | Path, options: dict[str, Any],
-                 default_mode: str = "thread") -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
+def start_device(device_weights: dict[str, torch.Tensor] | Path | None, mode: str,
+                 record: bool = False, threads: int | None = None, cpus: list[int] | None = None,
+                 ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
     """Start the untrusted side on `device_weights` (tensors, or a safetensors file such as a
-    protected artifact's), as the options say (popped from them): device="thread" (tests) or
-    "process" (its own OS process reading the weights from that file, or from a private temp
-    folder), device_threads=N, device_cpus=[cores], record_view=True.
+    protected artifact's): mode "thread" (in this process, the same wire protocol) or "process"
+    (its own OS process reading the weights from that file, or from a private temp folder);
+    threads / cpus: the process's torch threads and cores; record: keep everything it receives.
     Returns the handle and the enclave's read access to the device's weights by base name."""
-    record = bool(options.pop("record_view", False))
-    mode = options.pop("device", default_mode)
-    threads = options.pop("device_threads", None)
-    cpus = options.pop("device_cpus", None)
+    if device_weights is None:
+        raise IntegrityError("no device weights: the artifact has none for a split scheme")
     if mode == "thread":
         if cpus is not None or threads is not None:
             raise ConfigError("device_threads/device_cpus need device='process'")
@@ -162,14 +148,3 @@ def start_device(device_weights: dict[str, torch.Tensor] | Path, options: dict[s
         path, cleanup = Path(device_weights), None
     device = DeviceHandle.in_process(path, record, cleanup=cleanup, threads=threads, cpus=cpus)
     return device, SafetensorsReader(path).weight
-
-
-def start_loro(cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> TeeModelOps:
-    """`veil.load(model, scheme="loro")`: protect in memory, then run over a device started by
-    `start_device` (options as there)."""
-    verify = bool(options.pop("verify", False))
-    device_options = {k: options.pop(k) for k in list(options) if k in DEVICE_OPTIONS}
-    secrets_, device_weights = protect_loro(cfg, weights, options)
-    device, weight_of = start_device(device_weights, device_options)
-    del device_weights
-    return run_loro(cfg, secrets_, device, weight_of, verify)

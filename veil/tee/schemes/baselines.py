@@ -28,9 +28,10 @@ from veil.csprng import SecretRng
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.enclave import HeadMixing
+from veil.tee.enclave import HeadMixing, seal_mixings, unseal_mixings
+from veil.tee.pads import PadCost
 from veil.tee.process import DeviceHandle
-from veil.tee.runtime import DEVICE_OPTIONS, TeeModelOps, start_device
+from veil.tee.runtime import TeeModelOps
 from veil.tee.schemes.loro import input_groups
 
 BASELINES = ("tlg", "soter", "nnsplitter", "shadownet")
@@ -51,6 +52,15 @@ class Obfuscation:
         ts = [self.perm_in, self.perm_out, self.delta_idx, self.delta_val,
               self.scale if isinstance(self.scale, torch.Tensor) else None]
         return sum(t.nbytes for t in ts if t is not None) + 8
+
+    def wipe(self) -> None:
+        for t in (self.perm_in, self.perm_out, self.delta_idx, self.delta_val):
+            if t is not None:
+                t.zero_()
+        if isinstance(self.scale, torch.Tensor):
+            self.scale.zero_()
+        else:
+            self.scale = 0.0
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         out = w
@@ -117,6 +127,19 @@ class BaselineProtocol:
     def request_args(self, ctx: Any) -> dict:
         return {}
 
+    def prepare(self, rows: int) -> None:
+        """Nothing to make offline: the transforms are fixed."""
+
+    def pad_cost(self) -> PadCost | None:
+        return None
+
+    def nbytes(self) -> int:
+        return sum(o.nbytes() for o in self.obf.values())
+
+    def wipe(self) -> None:
+        for o in self.obf.values():
+            o.wipe()
+
     def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any = None,
                fetched: torch.Tensor | None = None) -> torch.Tensor:
         o = self.obf[name]
@@ -132,16 +155,13 @@ class BaselineProtocol:
         raise AssertionError("baselines keep tables in the enclave")
 
 
-def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any],
-                     rng: SecretRng):
+def protect_baseline(scheme: str, cfg: ModelConfig, weights: Weights, share: float,
+                     mask_fraction: float, rng: SecretRng):
     """(device weights, per-matrix obfuscations, names computed in the enclave), every secret
-    drawn from `rng`."""
+    drawn from `rng`. share: the share of the layers' input groups computed in the enclave;
+    mask_fraction: nnsplitter's share of noised weights."""
     if scheme not in BASELINES:
         raise ConfigError(f"unknown baseline {scheme!r}")
-    share = float(options.pop("enclave_share", 0.2 if scheme == "soter" else 0.0))
-    mask_fraction = float(options.pop("mask_fraction", 0.01))
-    if options:
-        raise ConfigError(f"{scheme}: unknown options {sorted(options)}")
     # the LM head and embedding tables stay in the enclave; a share of the layers' input groups too
     groups = {g: m for g, m in input_groups(cfg).items() if g.startswith("layers.")}
     keys = list(groups)
@@ -197,10 +217,6 @@ class BaselineOps(TeeModelOps):
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         return TorchOps.lm_head(self, x)
 
-    def resident_secret_bytes(self) -> int:
-        return (sum(t.nbytes for t in self.w.values()) + sum(o.nbytes() for o in self.protocol.obf.values())
-                + sum(p.nbytes() for p in self.perms or []))
-
 
 @dataclass
 class BaselineSecrets:
@@ -227,9 +243,7 @@ class BaselineSecrets:
                     t[f"obf.{f}.{n}"] = v
                 elif v is not None:
                     obf_meta[n][f] = float(v)
-        for i, p in enumerate(self.perms):
-            for f in ("q_heads", "k_heads", "r", "s"):
-                t[f"mix.{i}.{f}"] = getattr(p, f)
+        t.update(seal_mixings(self.perms))
         return t, {"scheme": self.scheme, "obf": obf_meta, "local_names": sorted(self.local_names),
                    "layers": len(self.perms)}
 
@@ -241,18 +255,19 @@ class BaselineSecrets:
             obf[n] = Obfuscation(int(m["out_dim"]), fields["perm_in"], fields["perm_out"],
                                  fields["scale"] if fields["scale"] is not None else 1.0,
                                  fields["delta_idx"], fields["delta_val"])
-        perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r", "s")))
-                 for i in range(int(meta["layers"]))]
+        perms = unseal_mixings(t, int(meta["layers"]))
         enclave = {k.removeprefix("enclave."): v for k, v in t.items() if k.startswith("enclave.")}
         return BaselineSecrets(meta["scheme"], enclave, obf, set(meta["local_names"]), perms)
 
 
-def protect_baseline_secrets(scheme: str, cfg: ModelConfig, weights: Weights,
-                             options: dict[str, Any]) -> tuple[BaselineSecrets, dict[str, torch.Tensor]]:
+def protect_baseline_secrets(scheme: str, cfg: ModelConfig, weights: Weights, share: float,
+                             mask_fraction: float
+                             ) -> tuple[BaselineSecrets, dict[str, torch.Tensor]]:
     """The offline step: the enclave's secrets and the device's weights (one `SecretRng`, fresh
     key, for all of them)."""
     rng = SecretRng()
-    device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, options, rng)
+    device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, share,
+                                                        mask_fraction, rng)
     keep = {"embed.weight", "pos_embed.weight", "lm_head.weight"}
     enclave = {k: v for k, v in weights.items()
                if "norm" in k or k.endswith(".bias") or k in keep or k.rsplit(".", 1)[0] in local_names}
@@ -267,12 +282,3 @@ def run_baseline(cfg: ModelConfig, secrets_: BaselineSecrets, device: DeviceHand
     protocol = BaselineProtocol(secrets_.obf, biases, input_groups(cfg))
     return BaselineOps(cfg, dict(secrets_.enclave), protocol, secrets_.perms, device.channel,
                        secrets_.scheme, secrets_.local_names, secrets_.scheme == "tlg", device)
-
-
-def start_baseline(scheme: str, cfg: ModelConfig, weights: Weights, options: dict[str, Any]) -> BaselineOps:
-    """`veil.load(model, scheme=…)` for a baseline: protect in memory, then run over a device
-    started by `start_device` (thread by default, or its own process)."""
-    device_options = {k: options.pop(k) for k in list(options) if k in DEVICE_OPTIONS}
-    secrets_, device_weights = protect_baseline_secrets(scheme, cfg, weights, options)
-    device, _ = start_device(device_weights, device_options)
-    return run_baseline(cfg, secrets_, device)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -40,22 +40,33 @@ from veil.csprng import SecretRng
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.pads import PadPool
+from veil.tee.enclave import HeadMixing, seal_mixings, unseal_mixings
+from veil.tee.pads import PadCost, PadPool
 
 
 @dataclass(frozen=True)
 class LoroConfig:
+    """LoRO's public settings (what `veil protect` records beside the sealed secrets)."""
+
     rank: int = 8
     bank: int = 4           # cornerstone factors per dimension; 0 = independent factors per matrix
     mask_ratio: float = 5.5  # ‖γBA‖_F / ‖W‖_F (cos(W', W) ≈ 1/√(1+r²) ≈ 0.18)
     pad_ratio: float = 5.5   # pad-row RMS ≥ pad_ratio × input-row RMS (cos ≤ 1/√(1+r²) ≈ 0.18)
-    pads: str = "fresh"      # fresh | fixed
+    pads: Literal["fresh", "fixed"] = "fresh"
+    # head-block transforms of Q/K/V: Haar rotations, or permutations only (the paper's)
+    attention_mixing: Literal["rotate", "permute"] = "rotate"
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.bank < 0 or self.mask_ratio <= 0 or self.pad_ratio <= 0:
-            raise ConfigError(f"loro: invalid settings {self}")
+        for name, ok, need in (("rank", self.rank >= 1, "≥ 1"), ("bank", self.bank >= 0, "≥ 0"),
+                               ("mask_ratio", self.mask_ratio > 0, "> 0"),
+                               ("pad_ratio", self.pad_ratio > 0, "> 0")):
+            if not ok:
+                raise ConfigError(f"option {name!r} must be {need}, got {getattr(self, name)}")
         if self.pads not in ("fresh", "fixed"):
-            raise ConfigError(f"loro: pads must be 'fresh' or 'fixed', got {self.pads!r}")
+            raise ConfigError(f"option 'pads' must be 'fresh' or 'fixed', got {self.pads!r}")
+        if self.attention_mixing not in ("rotate", "permute"):
+            raise ConfigError("option 'attention_mixing' must be 'rotate' or 'permute', got "
+                              f"{self.attention_mixing!r}")
 
 
 def masked_matrices(cfg: ModelConfig) -> list[str]:
@@ -87,6 +98,12 @@ class FactorBank:
         B = torch.einsum("m,mir->ir", alpha[1:], self.bank_b[b_dim])
         A = torch.einsum("m,mro->ro", beta[1:], self.bank_a[a_dim])
         return B, A, gamma
+
+    def wipe(self) -> None:
+        for t in [*self.bank_b.values(), *self.bank_a.values(),
+                  *(x for a, b, _ in self.coef.values() for x in (a, b)),
+                  *(x for b, a, _ in self.direct.values() for x in (b, a))]:
+            t.zero_()
 
     def nbytes(self) -> int:
         banks = sum(t.nbytes for t in [*self.bank_b.values(), *self.bank_a.values()])
@@ -200,6 +217,16 @@ class LoroProtocol:
         if self.pool.mode == "fresh":
             self.pool.refill(rows)
 
+    def pad_cost(self) -> PadCost:
+        return self.pool.cost
+
+    def wipe(self) -> None:
+        """Zero the factor bank (and its flattened copies) and drop the pads' keys."""
+        self.bank.wipe()
+        for t in [*self.b_flat.values(), *self.a_flat.values()]:
+            t.zero_()
+        self.pool.wipe()
+
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         g, ticket = self.pool.take(self.group_of[group], x.shape[0])
         # pad scale: pad_ratio × the row's RMS, rounded up to a power of two (frexp: v = m·2^e
@@ -266,13 +293,12 @@ class LoroProtocol:
 
 @dataclass
 class LoroSecrets:
-    """Everything the enclave keeps: what `veil protect` seals into enclave.sealed."""
+    """Everything the enclave keeps secret: what `veil protect` seals into enclave.sealed (the
+    public settings, `LoroConfig`, are recorded beside them)."""
 
-    lcfg: LoroConfig
-    mixing: str
     bank: FactorBank
     local: dict[str, torch.Tensor]          # norm weights and biases
-    perms: list  # list[HeadMixing]
+    perms: list[HeadMixing]
 
     def to_sealable(self) -> tuple[dict[str, torch.Tensor], dict]:
         t: dict[str, torch.Tensor] = {f"local.{k}": v for k, v in self.local.items()}
@@ -283,18 +309,12 @@ class LoroSecrets:
             t[f"coef.alpha.{n}"], t[f"coef.beta.{n}"], gammas[n] = alpha, beta, g
         for n, (B, A, g) in self.bank.direct.items():
             t[f"direct.B.{n}"], t[f"direct.A.{n}"], gammas[n] = B, A, g
-        for i, p in enumerate(self.perms):
-            for f in ("q_heads", "k_heads", "r", "s"):
-                t[f"mix.{i}.{f}"] = getattr(p, f)
-        meta = {"lcfg": {k: getattr(self.lcfg, k) for k in ("rank", "bank", "mask_ratio", "pad_ratio", "pads")},
-                "mixing": self.mixing, "gammas": gammas, "layers": len(self.perms)}
-        return t, meta
+        t.update(seal_mixings(self.perms))
+        return t, {"rank": self.bank.rank, "gammas": gammas, "layers": len(self.perms)}
 
     @staticmethod
     def from_sealed(t: dict[str, torch.Tensor], meta: dict) -> "LoroSecrets":
-        from veil.tee.enclave import HeadMixing
-
-        bank = FactorBank(rank=int(meta["lcfg"]["rank"]))
+        bank = FactorBank(rank=int(meta["rank"]))
         gammas = meta["gammas"]
         for k, v in t.items():
             kind, _, rest = k.partition(".")
@@ -307,7 +327,5 @@ class LoroSecrets:
             elif kind == "direct" and rest.startswith("B."):
                 n = rest.removeprefix("B.")
                 bank.direct[n] = (v, t[f"direct.A.{n}"], float(gammas[n]))
-        perms = [HeadMixing(*(t[f"mix.{i}.{f}"] for f in ("q_heads", "k_heads", "r", "s")))
-                 for i in range(int(meta["layers"]))]
         local = {k.removeprefix("local."): v for k, v in t.items() if k.startswith("local.")}
-        return LoroSecrets(LoroConfig(**meta["lcfg"]), meta["mixing"], bank, local, perms)
+        return LoroSecrets(bank, local, unseal_mixings(t, int(meta["layers"])))

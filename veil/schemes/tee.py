@@ -1,0 +1,68 @@
+"""What every TEE scheme shares: where its untrusted device runs (options), and the session that
+drives the enclave's Ops over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from veil.cost import SplitCost
+from veil.errors import ConfigError
+from veil.schemes.base import DeviceViewing, SchemeOptions, StepSession
+from veil.tee.device import View
+from veil.tee.process import DeviceHandle
+from veil.tee.runtime import TeeModelOps, start_device
+
+
+@dataclass(frozen=True)
+class DeviceOptions(SchemeOptions):
+    """The untrusted device: a thread speaking the wire protocol (the default of `veil.load`) or
+    its own OS process (the default for an artifact); its torch threads and cores (process only);
+    whether it records everything it receives (`Model.device_view`)."""
+
+    device: Literal["thread", "process"] | None = None
+    device_threads: int | None = None
+    device_cpus: tuple[int, ...] | None = None
+    record_view: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device_threads is not None and self.device_threads < 1:
+            raise ConfigError(f"option 'device_threads' must be ≥ 1, got {self.device_threads}")
+        if self.device_cpus is not None and (not self.device_cpus
+                                             or any(c < 0 for c in self.device_cpus)):
+            raise ConfigError(f"option 'device_cpus' must list core numbers, got {self.device_cpus}")
+
+    def mode(self, default: str) -> str:
+        """The device mode for a path whose default is `default`, checked against the options
+        that only a process takes (before anything is started)."""
+        mode = self.device or default
+        if mode == "thread" and (self.device_threads is not None or self.device_cpus is not None):
+            raise ConfigError("options 'device_threads' and 'device_cpus' need device='process'")
+        return mode
+
+    def start(self, weights: dict[str, torch.Tensor] | Path, mode: str
+              ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
+        return start_device(weights, mode, self.record_view, self.device_threads,
+                            list(self.device_cpus) if self.device_cpus is not None else None)
+
+
+class TeeSession(StepSession, DeviceViewing):
+    """The enclave's Ops over a running device: counters from both sides, the device's view, and a
+    close that stops the device and wipes the enclave's secrets."""
+
+    ops: TeeModelOps
+
+    def __init__(self, scheme: str, cfg: Any, ops: TeeModelOps) -> None:
+        super().__init__(scheme, cfg, ops)
+
+    def counters(self) -> SplitCost:
+        return self.ops.cost_counters()
+
+    def device_view(self) -> View:
+        return self.ops.device_view()
+
+    def _release(self) -> None:
+        self.ops.close()

@@ -1,0 +1,1 @@
+"""Training recipes for the model variants (MERGE; later Power-Softmax, VeLoRA)."""

@@ -1,0 +1,1 @@
+"""Model variants as config knobs plus conversions (MERGE; later Power-Softmax)."""
