@@ -12,6 +12,17 @@ from veil.model.config import PRESETS, hf_config_dict
 from veil.variants.merge import calibrate, student_weights, variant_config
 
 FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+MPC_DIR = Path(__file__).parent / "mpc"
+
+
+def pytest_collection_modifyitems(items):
+    """Markers by rule: everything under tests/mpc/ runs SPU (`mpc`); SPU and the default model
+    are slow. `./run test -m "not slow"` is the quick subset."""
+    for item in items:
+        if MPC_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.mpc)
+        if item.get_closest_marker("mpc") or item.get_closest_marker("default_model"):
+            item.add_marker(pytest.mark.slow)
 
 
 def make_hf_model(preset: str, seed: int = 0):

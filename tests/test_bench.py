@@ -15,6 +15,7 @@ def test_suites_are_the_tested_ones():
     assert set(SUITES) == {"plain-vs-hf", "tee", "mpc", "mpc-fused"}  # tests/mpc/test_costs.py
 
 
+@pytest.mark.slow
 def test_plain_vs_hf_smoke(tmp_path):
     folder = tmp_path / "tiny-llama"
     make_hf_model("tiny-llama").save_pretrained(folder)
@@ -27,6 +28,7 @@ def test_plain_vs_hf_smoke(tmp_path):
     assert rows[1]["max_abs_logit_err_vs_plain"] < 1e-4
 
 
+@pytest.mark.slow
 def test_tee_smoke(tmp_path):
     paths = run_suite("tee", model="tiny-llama", repeats=1, new_tokens=4, out_dir=tmp_path)
     rows = {r["scheme"]: r for r in json.loads(paths[0].read_text())["rows"]}

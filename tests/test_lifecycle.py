@@ -106,8 +106,15 @@ def _run(family: str, ending: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mpc-local"])
+@pytest.mark.parametrize("family", ["plain", "loro-thread"])
 def test_scripts_end_cleanly(family, ending, tmp_path):
+    _run(family, ending, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ENDINGS)
+@pytest.mark.parametrize("family", ["loro-process", "baseline-process"])
+def test_scripts_with_device_processes_end_cleanly(family, ending, tmp_path):
     _run(family, ending, tmp_path)
 
 

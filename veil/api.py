@@ -19,7 +19,8 @@ from veil.model.opening import open_model
 from veil.model.ops import check_support
 from veil.model.tokenizer import Tokenizer
 from veil import schemes
-from veil.schemes.artifacts import is_artifact, open_artifact
+from veil.schemes.artifacts import open_artifact
+from veil.tee.artifact import is_artifact
 from veil.schemes.base import DeviceViewing, FixedLengthSession, Session, StepSession
 
 Prompt = Union[str, Sequence[int]]

@@ -20,7 +20,8 @@ import veil
 from veil.errors import ConfigError, ProtocolAbort
 from veil.mpc.cluster import (Cluster, _party_command, describe_exit, free_ports,
                               generate_local, local_cluster, log_tail, run_local, wait_parties)
-from veil.mpc.spu_runtime import MpcConfig, unpack_share
+from veil.mpc.config import MpcConfig
+from veil.mpc.spu_runtime import unpack_share
 
 PROMPT = [3, 17, 99, 5, 42, 7]
 

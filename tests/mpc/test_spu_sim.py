@@ -9,7 +9,8 @@ import pytest
 import veil
 from veil.errors import ConfigError
 from veil.mpc.program import params_of
-from veil.mpc.spu_runtime import MpcConfig, simulate
+from veil.mpc.config import MpcConfig
+from veil.mpc.spu_runtime import simulate
 
 # SEMI2K, FM64, 18 fractional bits: fixed-point rounding plus SPU's exp / rsqrt / reciprocal
 # approximations; measured ≤ 2.5e-3 on the tiny presets (logits of magnitude ~1).

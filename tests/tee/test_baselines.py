@@ -1,4 +1,5 @@
-"""The earlier TEE-shielded schemes: exact against plain, and their device views as documented."""
+"""The earlier TEE-shielded schemes: their device views as documented, and the default model under
+each (the tiny presets are in the conformance suite)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,11 @@ import math
 import pytest
 
 import veil
+from conftest import assert_logits_close
 from veil.attacks.audit import audit_run
+from veil.schemes import get
 
 SCHEMES = ("shielded", "tlg", "soter", "nnsplitter", "shadownet")
-
-
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
-def test_tiny_matches_plain(scheme, preset):
-    plain = veil.load(preset)
-    m = veil.load(preset, scheme=scheme)
-    ids = [[3, 17, 99, 5, 42, 7, 250, 11, 64, 2, 9, 130]]
-    assert float((plain.logits(ids) - m.logits(ids)).abs().max()) <= 1e-4
-    prompts = [[1, 2, 3], [4, 5, 6, 7]]
-    assert ([g.token_ids for g in m.generate(prompts, max_new_tokens=12)]
-            == [g.token_ids for g in plain.generate(prompts, max_new_tokens=12)])
 
 
 def _matched(report, weights: bool) -> float:
@@ -45,8 +36,11 @@ def test_audit_table_shape():
 @pytest.mark.default_model
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_default_same_tokens_as_plain(default_model, scheme):
-    m = veil.load("default", scheme=scheme)
-    ids = default_model.encode("The quick brown fox jumps over the lazy dog because")
-    assert float((default_model.logits([ids]) - m.logits([ids])).abs().max()) <= 1e-3
-    assert m.generate(ids, max_new_tokens=32).token_ids == \
-        default_model.generate(ids, max_new_tokens=32).token_ids
+    """The default model under each scheme: logits within the scheme's declared tolerance, and
+    plain's greedy tokens (the tiny presets: tests/test_conformance.py)."""
+    with veil.load("default", scheme=scheme) as m:
+        ids = default_model.encode("The quick brown fox jumps over the lazy dog because")
+        assert_logits_close(m.logits([ids]), default_model.logits([ids]),
+                            get(scheme).tolerance.default)
+        assert m.generate(ids, max_new_tokens=32).token_ids == \
+            default_model.generate(ids, max_new_tokens=32).token_ids

@@ -13,13 +13,14 @@ import veil
 from conftest import student
 from veil.backends.plain import TorchOps
 from veil.errors import CheckpointError, ConfigError
-from veil.model import native, zoo
+from veil.model import native
 from veil.model.forward import forward, hidden_states
 from veil.model.generate import SamplingConfig, generate_ids
 from veil.mpc.program import generate_plaintext, params_of
-from veil.mpc.spu_runtime import MpcConfig, simulate
+from veil.mpc.config import MpcConfig
+from veil.mpc.spu_runtime import simulate
 from veil.model.ops import Step
-from veil.variants.merge import calibrate, merge, student_weights, variant_config
+from veil.variants.merge import merge
 
 
 def full_step(T: int, B: int = 1) -> Step:
@@ -142,6 +143,7 @@ def test_jax_program_matches_plain(preset, variant):
 FXP_TOL = 1e-2
 
 
+@pytest.mark.mpc
 @pytest.mark.parametrize("preset, variant", [("tiny-llama", "merge"), ("tiny-gpt2", "merge"),
                                              ("tiny-gpt2", "only-er")])
 def test_merge_under_semi2k_matches_plaintext(preset, variant):
@@ -163,6 +165,7 @@ def test_merge_under_semi2k_matches_plaintext(preset, variant):
         assert err < FXP_TOL, err
 
 
+@pytest.mark.mpc
 def test_native_folder_round_trip_and_errors(tmp_path):
     cfg, w = student("tiny-gpt2", calibrated=False)
     mcfg, mw = merge(cfg, w)
@@ -185,6 +188,7 @@ def test_native_folder_round_trip_and_errors(tmp_path):
         veil.load(folder)
 
 
+@pytest.mark.mpc
 def test_merge_with_party_processes(tmp_path):
     """scheme='merge' with one OS process per party over TCP, the model read from a veil folder."""
     cfg, w = student("tiny-llama", calibrated=False)

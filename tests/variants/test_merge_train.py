@@ -23,6 +23,7 @@ def tiny_recipe(**kw) -> MergeRecipe:
                        eval_windows=2, **kw)
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end(tmp_path):
     table = run_recipe(tiny_recipe(), tmp_path, progress=False, tokens=TOKENS)
     names = [r["model"] for r in table["rows"]]

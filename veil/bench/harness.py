@@ -14,19 +14,20 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from veil.bench.spec import WorkerSpec
 from veil.errors import ConfigError
 
-BENCH_PROMPT = "The history of cryptography began"
 SUITES = ("plain-vs-hf", "tee", "mpc", "mpc-fused")
 
 
 def _worker(mode: str, model: str, repeats: int, new_tokens: int,
             module: str = "veil.bench.worker") -> dict[str, Any]:
-    cmd = [sys.executable, "-m", module, *([mode] if mode else []), model, str(repeats),
-           str(new_tokens), BENCH_PROMPT]
+    spec = WorkerSpec(mode, model, repeats, new_tokens)
+    cmd = [sys.executable, "-m", module, json.dumps(asdict(spec))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise ConfigError(f"benchmark worker {mode!r} failed: "
@@ -117,7 +118,7 @@ def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: 
 
         hw_path = Path(hardware) if hardware is not None else DEFAULT_HARDWARE
         load_hardware(hw_path)             # a bad profile fails before the long run
-        measured = _worker("", model, repeats, new_tokens, module="veil.bench.tee")
+        measured = _worker("tee", model, repeats, new_tokens, module="veil.bench.tee")
         rows, markdown = rows_and_table(measured, model, str(hw_path))
         meta["hardware"] = str(hw_path.name)
         meta["threads"] = 1

@@ -179,7 +179,8 @@ def _party_main(spec: PartySpec) -> None:
 
     from veil.mpc.eager import measure_party
     from veil.mpc.fused_timing import measure_fused_party
-    from veil.mpc.spu_runtime import MpcConfig, scratch_dir
+    from veil.mpc.config import MpcConfig
+    from veil.mpc.spu_runtime import scratch_dir
 
     lo = libspu.logging.LogOptions()
     lo.enable_console_logger = False

@@ -1,6 +1,6 @@
 """The `tee` benchmark suite: every TEE scheme against `plain`, measured here and projected.
 
-`python -m veil.bench.tee MODEL REPEATS N PROMPT HARDWARE` (run by the harness in a fresh process)
+`python -m veil.bench.tee SPEC` (a `WorkerSpec` as JSON; run by the harness in a fresh process)
 prints one JSON object. Placement on this machine: the enclave (this process) on one core with
 one torch thread, each scheme's device in its own process on another core with one thread;
 `plain` and `shielded` run on the enclave's core alone. All schemes are loaded at once and their
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from veil.bench.spec import WorkerSpec
 from veil.cost import SplitCost
 from veil.schemes import SCHEMES
 from veil.schemes.tee import DeviceOptions, TeeSession
@@ -224,8 +225,8 @@ def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any) -> str:
 
 
 def main() -> None:
-    model, repeats, n, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    print(json.dumps(worker(model, repeats, n, prompt)))
+    spec = WorkerSpec.from_argv(sys.argv[1:])
+    print(json.dumps(worker(spec.model, spec.repeats, spec.new_tokens, spec.prompt)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Benchmark contenders in a child process: `python -m veil.bench.worker MODE MODEL REPEATS N PROMPT`.
+"""Benchmark contenders in a child process: `python -m veil.bench.worker SPEC` (a `WorkerSpec` as
+JSON).
 
 MODE `speed`: load veil `plain` and transformers in one process and alternate their repeats, so
 machine drift hits both alike. MODE `memory-veil` / `memory-hf`: load one and generate once; the
@@ -13,6 +14,8 @@ import sys
 import time
 
 import torch
+
+from veil.bench.spec import WorkerSpec
 
 
 class _Veil:
@@ -86,11 +89,13 @@ def memory(impl: str, model: str, n: int, prompt: str) -> dict:
 
 
 def main() -> None:
-    mode, model, repeats, n, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    if mode == "speed":
-        out = speed(model, repeats, n, prompt)
+    spec = WorkerSpec.from_argv(sys.argv[1:])
+    if spec.mode == "speed":
+        out = speed(spec.model, spec.repeats, spec.new_tokens, spec.prompt)
+    elif spec.mode in ("memory-veil", "memory-hf"):
+        out = memory(spec.mode.removeprefix("memory-"), spec.model, spec.new_tokens, spec.prompt)
     else:
-        out = memory(mode.removeprefix("memory-"), model, n, prompt)
+        raise SystemExit(f"unknown worker mode {spec.mode!r}")
     print(json.dumps(out))
 
 

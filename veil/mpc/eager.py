@@ -268,7 +268,8 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     import numpy as np
 
     from veil.model.forward import forward, hidden_states
-    from veil.mpc.spu_runtime import CLIENT, Binder, SpuOps, step_window
+    from veil.mpc.config import CLIENT
+    from veil.mpc.spu_runtime import Binder, SpuOps, step_window
 
     bind = Binder.open(rank, lctx, mc, profile=log_path is not None)
     rt = bind.rt

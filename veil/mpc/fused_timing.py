@@ -33,7 +33,8 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     profile (when `log_path` is the party's SPU log) plus the shares it sent outside the
     programs."""
     from veil.errors import ConfigError
-    from veil.mpc.spu_runtime import CLIENT, Binder, PartySteps
+    from veil.mpc.config import CLIENT
+    from veil.mpc.spu_runtime import Binder, PartySteps
 
     if decode_steps < 1 or n_prompt + decode_steps + 1 > capacity:
         raise ConfigError(f"{decode_steps} decode steps after a {n_prompt}-token prompt do not "

@@ -30,7 +30,7 @@ from veil.model.config import ModelConfig
 from veil.mpc.jax_ops import JaxOps
 from veil.mpc.program import make_head, make_resend_step, make_step, one_hot
 
-from veil.mpc.config import CLIENT, FIELDS, MPC_KEYS, OWNER, PROTOCOLS, MpcConfig  # noqa: F401
+from veil.mpc.config import CLIENT, OWNER, MpcConfig
 
 
 class SpuOps(JaxOps):

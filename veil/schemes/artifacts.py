@@ -16,7 +16,6 @@ from veil.model.tokenizer import Tokenizer
 from veil.schemes import SCHEMES, get
 from veil.schemes.base import Scheme, Session
 from veil.tee import artifact
-from veil.tee.artifact import is_artifact  # noqa: F401  (the facade asks here)
 
 
 def protectable() -> list[str]:
