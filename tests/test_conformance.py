@@ -58,7 +58,7 @@ def test_matches_plain(name, preset):
         assert_logits_close(m.logits(IDS), plain.logits(IDS), s.tolerance.tiny)
         got = [g.token_ids for g in m.generate(PROMPTS, max_new_tokens=12)]
         ref = [g.token_ids for g in plain.generate(PROMPTS, max_new_tokens=12)]
-        assert got == ref or not s.tolerance.exact_tokens
+        assert got == ref
 
 
 @pytest.mark.mpc
@@ -110,6 +110,13 @@ def test_refuses_unsupported_variants_before_starting_anything(name, tmp_path):
         refused += 1
     # the table is not vacuous: a scheme either refuses something or runs every variant
     assert refused or all(s.support[op] >= v for op, v in TorchOps.support.items())
+
+
+def test_merge_refuses_a_vanilla_model_before_starting_anything():
+    threads, children = threading.active_count(), _children()
+    with pytest.raises(veil.UnsupportedError, match="merge.*MERGE model"):
+        veil.load("tiny-gpt2", scheme="merge", parties="local")
+    assert threading.active_count() == threads and _children() == children
 
 
 _WRONG = {bool: "maybe", int: "abc", float: "fast", str: 12345}
@@ -192,4 +199,5 @@ def test_model_uses_declared_capabilities_only():
         assert m.logits(IDS).shape == (1, len(IDS[0]), m.cfg.vocab_size)
     with pytest.raises(veil.InputError, match="closed"):
         m.generate([1, 2], max_new_tokens=1)
-    assert torch.is_tensor(veil.load("tiny-gpt2", scheme="tlg").logits(IDS))
+    with veil.load("tiny-gpt2", scheme="tlg") as m:
+        assert torch.is_tensor(m.logits(IDS))

@@ -24,8 +24,10 @@ import torch
 
 from veil.bench.spec import WorkerSpec
 from veil.cost import SplitCost
-from veil.schemes import SCHEMES
-from veil.schemes.tee import DeviceOptions, TeeSession
+from veil.schemes import SCHEMES, of_kind
+from veil.schemes.base import EnclaveHolding
+from veil.schemes.tee import DeviceOptions
+from veil.tee.latency import SplitCounts, counts_row, load_hardware, project
 
 LONG_PROMPT = 256
 # Tuned rows beside the registry's defaults: (label, scheme, options). "loro-paper": the public
@@ -37,8 +39,6 @@ EXTRA_ROWS = (("loro-paper", "loro", {"pads": "fixed", "attention_mixing": "perm
 def contenders() -> list[tuple[str, str, dict[str, Any]]]:
     """Every host and TEE scheme of the registry with its defaults, then the tuned rows (after
     the scheme they tune)."""
-    from veil.schemes import of_kind
-
     rows: list[tuple[str, str, dict[str, Any]]] = []
     for s in of_kind("host") + of_kind("tee"):
         rows.append((s.name, s.name, {}))
@@ -59,8 +59,6 @@ def _pin() -> tuple[int | None, bool]:
 def _counts(model: Any, ids: list[int], weight_bytes: float) -> dict[str, Any]:
     """SplitCounts of a prefill of `ids` and of the decode step after it (difference of a 2-token
     and a 1-token generation), as dicts, plus pad/offline figures per token."""
-    from veil.tee.latency import SplitCounts, counts_row
-
     one = model.generate(ids, max_new_tokens=1, ignore_eos=True).cost
     two = model.generate(ids, max_new_tokens=2, ignore_eos=True).cost
 
@@ -83,14 +81,6 @@ def _counts(model: Any, ids: list[int], weight_bytes: float) -> dict[str, Any]:
         out["offline_s_per_token"] = two.split.offline_s / rows
         out["pad_bytes_per_token"] = step.pad_bytes_used if step is not None else 0
     return out
-
-
-def resident_secret_bytes(m: Any, weight_bytes: float) -> float:
-    """What the enclave keeps in its memory: a split scheme says (its enclave Ops count it);
-    `shielded` keeps the whole model; `plain` has no enclave."""
-    if isinstance(m.session, TeeSession):
-        return m.ops.resident_secret_bytes()
-    return weight_bytes if m.scheme == "shielded" else 0.0
 
 
 def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]:
@@ -123,7 +113,8 @@ def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]
         out["schemes"][s] = {
             "max_abs_logit_err_vs_plain": float((m.logits([ids]) - ref_logits).abs().max()),
             "same_tokens_as_plain": r.token_ids == ref_tokens,
-            "resident_secret_bytes": resident_secret_bytes(m, weight_bytes),
+            "resident_secret_bytes": (m.session.resident_secret_bytes()
+                                      if isinstance(m.session, EnclaveHolding) else 0),
             "decode_tokens_per_s": [], "prefill_s": [], "device_busy_frac": [],
             "enclave_wait_frac": [], **_counts(m, long_ids, weight_bytes)}
     for _ in range(repeats):
@@ -147,8 +138,6 @@ def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]
 
 def rows_and_table(w: dict[str, Any], model: str, hardware_path: str) -> tuple[list[dict[str, Any]], str]:
     """Harness rows (one per scheme) and the markdown for the suite's results file."""
-    from veil.tee.latency import SplitCounts, load_hardware, project
-
     hw = load_hardware(hardware_path)
     base_tps = statistics.median(w["schemes"]["plain"]["decode_tokens_per_s"])
     proj_ref = {ph: project(SplitCounts(**w["schemes"]["plain"][ph]), hw)["total_s"]

@@ -129,6 +129,13 @@ def sampler(s: SamplingConfig) -> torch.Generator | None:
     return torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
 
 
+def step_window(n_prompt: int, i: int) -> tuple[int, int]:
+    """(first cache slot, new tokens) of step `i` of a generation: step 0 is the prompt (slots
+    0 … n_prompt − 1), every later step writes one slot after it. Every executor's loop — this
+    module's, the MPC parties', the plaintext jax reference — steps through these windows."""
+    return (0, n_prompt) if i == 0 else (n_prompt + i - 1, 1)
+
+
 @dataclass(frozen=True)
 class Batch:
     """A left-padded batch of prompts: ids (B, T0), its prefill `Step`, and the cache capacity
@@ -145,8 +152,9 @@ class Batch:
     def decode_step(self, i: int) -> Step:
         """The `Step` of decode step i (0 = the first token after the prompt): one new token per
         row, at cache slot T0 + i."""
+        slot, _ = step_window(self.width, i + 1)
         positions = self.prefill.positions[:, -1:] + 1 + i                    # (B, 1)
-        return Step(positions, self.prefill.key_valid, self.width + i)
+        return Step(positions, self.prefill.key_valid, slot)
 
 
 def start_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], s: SamplingConfig) -> Batch:

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from veil.errors import ConfigError, ProtocolAbort
+from veil.model.generate import check_prompts
+from veil.model.opening import open_model, open_public
 from veil.mpc.config import CLIENT, MPC_KEYS, OWNER, MpcConfig
 
 ROLES = {0: "owner", 1: "client", 2: "helper"}
@@ -286,7 +288,7 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
               prompt: list[int] | None, emit: Callable[[str], None]) -> None:
     """Body of `veil mpc party`: link up, run the generation, report. The client emits
     `token <id>` per generated token; every party ends with `done`."""
-    import spu.libspu as libspu
+    import spu.libspu as libspu     # SPU and jax load only in a party process
 
     from veil.mpc.program import param_shapes, params_of
     from veil.mpc.spu_runtime import party, scratch_dir, spu_error
@@ -295,16 +297,12 @@ def run_party(cluster: Cluster, rank: int, model: str, max_new_tokens: int,
         raise ConfigError(f"rank {rank} is not in the cluster (ranks 0..{cluster.mpc.world - 1})")
     if (prompt is not None) != (rank == CLIENT):
         raise ConfigError("the prompt goes to the client (rank 1), and only to it")
-    from veil.model.opening import open_model, open_public
-
     if rank == OWNER:
         opened = open_model(model)
         cfg, params = opened.cfg, params_of(opened.cfg, opened.weights)
     else:
         cfg, params = open_public(model)[0], None
     if prompt is not None:
-        from veil.model.generate import check_prompts
-
         check_prompts(cfg, [prompt])
     shapes = param_shapes(cfg)
     emit(f"linking {ROLES[rank]}")
@@ -390,10 +388,17 @@ def generate_local(model: str, prompt: list[int], max_new_tokens: int, mc: MpcCo
         wait_parties(parties, max(time.monotonic() + 1.0, deadline), "MPC generation")
         return tokens, step_s
 
-    tokens, step_s = run_local(folder, mc.world, commands, supervise, pick_ports,
-                               pipe_stdout=CLIENT)
-    if len(tokens) != max_new_tokens:
-        raise ProtocolAbort(f"the client reported {len(tokens)} of {max_new_tokens} tokens")
-    if workdir is None:
-        shutil.rmtree(folder, ignore_errors=True)      # logs are kept only when a run fails
+    keep = False    # the logs stay only for a run that failed: its ProtocolAbort names them
+    try:
+        tokens, step_s = run_local(folder, mc.world, commands, supervise, pick_ports,
+                                   pipe_stdout=CLIENT)
+        if len(tokens) != max_new_tokens:
+            raise ProtocolAbort(f"the client reported {len(tokens)} of {max_new_tokens} tokens")
+    except ProtocolAbort:
+        keep = True
+        raise
+    finally:
+        # success, or interrupted from outside (the caller's exception, Ctrl-C): nothing kept
+        if workdir is None and not keep:
+            shutil.rmtree(folder, ignore_errors=True)
     return tokens, step_s

@@ -49,6 +49,8 @@ class MpcConfig:
         limit = 62 if self.field == "fm128" else 30
         if not 8 <= self.fxp_bits <= limit:
             raise ConfigError(f"option 'fxp_bits' must be in [8, {limit}] for {self.field}, got {self.fxp_bits}")
+        if not isinstance(self.exp_iters, int) or not 1 <= self.exp_iters <= 24:
+            raise ConfigError(f"option 'exp_iters' must be an integer in [1, 24], got {self.exp_iters!r}")
         if not isinstance(self.weight_cache, bool):
             raise ConfigError(f"option 'weight_cache' must be true or false, got {self.weight_cache!r}")
         if self.reveal not in ("tokens", "logits"):

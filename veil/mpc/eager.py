@@ -29,10 +29,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from veil.model.config import ModelConfig
-from veil.mpc.jax_ops import JaxCache
+from veil.model.forward import forward, hidden_states
+from veil.model.generate import step_window
 from veil.model.ops import Step
+from veil.mpc.config import CLIENT
+from veil.mpc.jax_ops import JaxCache
+from veil.mpc.spu_runtime import Binder, SpuOps
 
 HEAD_ARGMAX_ROWS = 64
 CATEGORIES = ("embedding", "linear", "attention", "norm", "activation", "sampling", "other")
@@ -265,12 +270,6 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     Every decode step at a given capacity costs the same (attention spans the whole fixed-capacity
     cache under a public mask), so a generation's total is composed as prompt step +
     (generated − 1) × median decode step (+ the head)."""
-    import numpy as np
-
-    from veil.model.forward import forward, hidden_states
-    from veil.mpc.config import CLIENT
-    from veil.mpc.spu_runtime import Binder, SpuOps, step_window
-
     bind = Binder.open(rank, lctx, mc, profile=log_path is not None)
     rt = bind.rt
     share_s = bind.inputs(cfg, param_shapes, params, prompt, capacity, mc)

@@ -16,8 +16,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from veil.errors import ConfigError
 from veil.model.config import ModelConfig
+from veil.mpc.config import CLIENT
 from veil.mpc.eager import HEAD_ARGMAX_ROWS, ProfileTail
+from veil.mpc.spu_runtime import Binder, PartySteps
 
 
 def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
@@ -32,10 +35,6 @@ def measure_fused_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     costs. Each phase: this party's wall time, and its send bytes and send actions from SPU's
     profile (when `log_path` is the party's SPU log) plus the shares it sent outside the
     programs."""
-    from veil.errors import ConfigError
-    from veil.mpc.config import CLIENT
-    from veil.mpc.spu_runtime import Binder, PartySteps
-
     if decode_steps < 1 or n_prompt + decode_steps + 1 > capacity:
         raise ConfigError(f"{decode_steps} decode steps after a {n_prompt}-token prompt do not "
                           f"fit a capacity of {capacity}")

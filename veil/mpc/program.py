@@ -21,6 +21,7 @@ import numpy as np
 from veil.backends.plain import constant_probs
 from veil.model.config import ModelConfig
 from veil.model.forward import forward, hidden_states
+from veil.model.generate import step_window
 from veil.model.weights import Weights
 from veil.mpc.jax_ops import JaxCache, JaxOps
 from veil.model.ops import Step, check_support
@@ -108,30 +109,30 @@ def make_head(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps, argmax: bool = T
 def generate_plaintext(cfg: ModelConfig, weights: Weights, prompt: list[int], max_new_tokens: int,
                        capacity: int | None = None) -> tuple[list[int], list[np.ndarray]]:
     """Greedy generation through the jitted step in plaintext jax (the reference the MPC runs
-    are checked against, and a check of `JaxOps` itself): (token ids, logits per step)."""
+    are checked against, and a check of `JaxOps` itself): (token ids, logits per step). It steps
+    through the same windows as every other loop (`step_window`)."""
     capacity = capacity or len(prompt) + max_new_tokens
     params = params_of(cfg, weights)
     cache = JaxCache.zeros(cfg, 1, capacity)
     k, v = cache.k, cache.v
-    onehot = one_hot([prompt], cfg.vocab_size)
-    positions = np.arange(len(prompt))[None]
+    x = one_hot([prompt], cfg.vocab_size)
+
+    def window(i: int) -> tuple[np.int32, np.ndarray]:
+        start, t_new = step_window(len(prompt), i)
+        return np.int32(start), np.arange(start, start + t_new)[None]
+
     if cfg.generation == "embedding_resend":
         first, later = jax.jit(make_resend_step(cfg, True)), jax.jit(make_resend_step(cfg, False))
-        x, states, start = onehot, [], 0
+        states = []
         for i in range(max_new_tokens):
-            x, k, v = (first if i == 0 else later)(params, x, k, v, np.int32(start), positions)
+            x, k, v = (first if i == 0 else later)(params, x, k, v, *window(i))
             states.append(x)
-            start += positions.shape[1]
-            positions = np.array([[start]])
         tokens, logits = jax.jit(make_head(cfg))(params, jnp.concatenate(states, axis=1))
         return [int(t) for t in np.asarray(tokens)[0]], list(np.asarray(logits)[0][:, None])
     step = jax.jit(make_step(cfg))
     tokens, logits_seen = [], []
-    start = 0
-    for _ in range(max_new_tokens):
-        nxt, token, logits, k, v = step(params, onehot, k, v, np.int32(start), positions)
+    for i in range(max_new_tokens):
+        x, token, logits, k, v = step(params, x, k, v, *window(i))
         tokens.append(int(token[0]))
         logits_seen.append(np.asarray(logits))
-        start += positions.shape[1]
-        onehot, positions = nxt, np.array([[start]])
     return tokens, logits_seen

@@ -27,6 +27,7 @@ import numpy as np
 
 from veil.errors import ProtocolAbort
 from veil.model.config import ModelConfig
+from veil.model.generate import step_window
 from veil.mpc.jax_ops import JaxOps
 from veil.mpc.program import make_head, make_resend_step, make_step, one_hot
 
@@ -392,12 +393,6 @@ def _party(rank: int, lctx: Any, cfg: ModelConfig, mc: MpcConfig, max_new_tokens
             for i, tok in enumerate(steps.tokens):
                 on_token(tok, step_s[i] + (head_s if i == len(steps.tokens) - 1 else 0.0))
     return PartyResult(steps.tokens, steps.logits, step_s, steps.compile_s, head_s)
-
-
-def step_window(n_prompt: int, i: int) -> tuple[int, int]:
-    """(first cache slot, new tokens) of step `i`: the prompt step fills slots 0 .. n_prompt − 1,
-    every later step one slot after it."""
-    return (0, n_prompt) if i == 0 else (n_prompt + i - 1, 1)
 
 
 class PartySteps:

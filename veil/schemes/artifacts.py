@@ -34,15 +34,19 @@ def protect(model: str | Path, scheme: str, out: Path, key_file: Path | None = N
     """Protect a model for `scheme` into a new folder `out`. The scheme's public settings (its
     options but the run-time ones) are sealed with its secrets, so loading needs only the key."""
     s = _protecting(scheme)
+    run_time = {f.name for f in fields(s.artifact_options)}
+    if set(options) & run_time:
+        raise ConfigError(f"{scheme}: {sorted(set(options) & run_time)} are chosen when the "
+                          "artifact is loaded, not when it is protected")
     opts = s.options.parse(scheme, options)
-    key = artifact.new_folder(Path(out), key_file)
+    artifact.check_free(Path(out), key_file)
     opened = open_model(model)
     check_support(s.support, opened.cfg, f"scheme {scheme!r}")
     if s.check_model is not None:
         s.check_model(opened.cfg)
+    key = artifact.new_folder(Path(out), key_file)      # the key file is made only now
     p = s.protect(opened, opts)
     tensors, meta = p.secrets.to_sealable()
-    run_time = {f.name for f in fields(s.artifact_options)}
     meta = {**meta, "config": {f.name: getattr(opts, f.name) for f in fields(opts)
                                if f.name not in run_time}}
     hf_cfg = (json.loads((opened.folder / "config.json").read_text()) if opened.folder is not None
@@ -63,7 +67,7 @@ def open_artifact(folder: Path, scheme: str, options: dict[str, Any]
     options = dict(options)
     key_file = options.pop("key_file", None)
     opts = s.artifact_options.parse(f"{recorded} artifact", options)
+    check_support(s.support, artifact.public_config(folder), f"scheme {recorded!r}")
     opened = artifact.open_sealed(folder, recorded, Path(key_file) if key_file else None)
-    check_support(s.support, opened.cfg, f"scheme {recorded!r}")
     session = s.open_protected(opened, opts)
     return session, (Tokenizer(folder) if Tokenizer.present(folder) else None)

@@ -127,11 +127,10 @@ class Placement:
 @dataclass(frozen=True)
 class Tolerance:
     """How close a scheme's logits are to plain's (max |Δlogit|), on the tiny presets and on the
-    default model, and whether its greedy tokens must be identical."""
+    default model. Every scheme in veil is exact up to rounding: its greedy tokens must be plain's."""
 
     tiny: float
     default: float
-    exact_tokens: bool = True
 
 
 # ---- sessions: one opened model under a scheme ----------------------------------------------
@@ -174,6 +173,14 @@ class FixedLengthSession(Session):
     @abstractmethod
     def run_fixed(self, prompt: list[int], s: SamplingConfig) -> tuple[list[int], GenerationTrace]:
         """The prompt's `s.max_new_tokens` tokens, and the run's timings."""
+
+
+class EnclaveHolding(ABC):
+    """A session whose trusted side keeps secrets in memory (the TEE schemes)."""
+
+    @abstractmethod
+    def resident_secret_bytes(self) -> int:
+        """The enclave's resident secret bytes (its parameters and the scheme's secrets)."""
 
 
 class DeviceViewing(ABC):

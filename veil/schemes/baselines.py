@@ -12,7 +12,7 @@ from veil.errors import ConfigError
 from veil.model.opening import OpenedModel
 from veil.tee.artifact import Opened
 from veil.schemes.base import Placement, Protected, Scheme, Tolerance
-from veil.schemes.tee import DeviceOptions, TeeSession
+from veil.schemes.tee import DeviceOptions, TeeSession, start_session
 from veil.tee.schemes.baselines import BaselineSecrets, protect_baseline_secrets, run_baseline
 
 
@@ -26,6 +26,10 @@ class BaselineOptions(DeviceOptions):
         super().__post_init__()
         if not 0.0 <= self.enclave_share <= 1.0:
             raise ConfigError(f"option 'enclave_share' must be in [0, 1], got {self.enclave_share}")
+
+    def noised_fraction(self) -> float:
+        """The share of weights the transform adds noise to (nnsplitter's only)."""
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -46,26 +50,31 @@ class NNSplitterOptions(BaselineOptions):
         if not 0.0 < self.mask_fraction <= 1.0:
             raise ConfigError(f"option 'mask_fraction' must be in (0, 1], got {self.mask_fraction}")
 
+    def noised_fraction(self) -> float:
+        return self.mask_fraction
+
 
 def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
              linear_receives: str, holds: str, leaks: str, attention_on_device: bool) -> Scheme:
     def protect(opened: OpenedModel, o: BaselineOptions) -> Protected:
         secrets_, device_weights = protect_baseline_secrets(
-            name, opened.cfg, opened.weights, o.enclave_share,
-            getattr(o, "mask_fraction", 0.0))
+            name, opened.cfg, opened.weights, o.enclave_share, o.noised_fraction())
         return Protected(secrets_, device_weights)
 
     def open_(opened: OpenedModel, o: BaselineOptions) -> TeeSession:
         mode = o.mode("thread")
-        p = protect(opened, o)
-        device, _ = o.start(p.device_weights, mode)
-        return TeeSession(name, opened.cfg, run_baseline(opened.cfg, p.secrets, device))
+        secrets_, device_weights = protect_baseline_secrets(
+            name, opened.cfg, opened.weights, o.enclave_share, o.noised_fraction())
+        return start_session(name, opened.cfg, o, mode, device_weights, secrets_,
+                             lambda device, _: run_baseline(opened.cfg, secrets_, device),
+                             owned=False)
 
     def open_protected(art: Opened, o: DeviceOptions) -> TeeSession:
         mode = o.mode("process")
         secrets_ = BaselineSecrets.from_sealed(art.tensors, art.meta)
-        device, _ = o.start(art.device_weights, mode)
-        return TeeSession(name, art.cfg, run_baseline(art.cfg, secrets_, device))
+        return start_session(name, art.cfg, o, mode, art.device_weights, secrets_,
+                             lambda device, _: run_baseline(art.cfg, secrets_, device),
+                             owned=True)
 
     rows = [Placement("embedding, norms, activations, residual adds, LM head", "enclave", "—",
                       "—"),

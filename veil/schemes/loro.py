@@ -10,7 +10,7 @@ from veil.backends.plain import TorchOps
 from veil.model.opening import OpenedModel
 from veil.tee.artifact import Opened
 from veil.schemes.base import Placement, Protected, Scheme, Tolerance
-from veil.schemes.tee import DeviceOptions, TeeSession
+from veil.schemes.tee import DeviceOptions, TeeSession, start_session
 from veil.tee.runtime import protect_loro, run_loro
 from veil.tee.schemes.loro import LoroConfig, LoroSecrets
 
@@ -40,10 +40,10 @@ def _open(opened: OpenedModel, o: LoroOptions) -> TeeSession:
     mode = o.mode("thread")
     lcfg = o.config()
     secrets_, device_weights = protect_loro(opened.cfg, opened.weights, lcfg)
-    device, weight_of = o.start(device_weights, mode)
-    del device_weights
-    return TeeSession("loro", opened.cfg,
-                      run_loro(opened.cfg, secrets_, lcfg, device, weight_of, o.verify))
+    return start_session(
+        "loro", opened.cfg, o, mode, device_weights, secrets_,
+        lambda device, weight_of: run_loro(opened.cfg, secrets_, lcfg, device, weight_of,
+                                           o.verify), owned=False)
 
 
 def _protect(opened: OpenedModel, o: LoroOptions) -> Protected:
@@ -55,9 +55,11 @@ def _open_protected(art: Opened, o: LoroRunOptions) -> TeeSession:
     lcfg = LoroConfig(**art.meta["config"])
     mode = o.mode("process")
     secrets_ = LoroSecrets.from_sealed(art.tensors, art.meta)
-    device, _ = o.start(art.device_weights, mode)
-    return TeeSession("loro", art.cfg,
-                      run_loro(art.cfg, secrets_, lcfg, device, art.weight_of, o.verify))
+    # the enclave reads the weights it verified against the sealed digest, not the device's copy
+    return start_session(
+        "loro", art.cfg, o, mode, art.device_weights, secrets_,
+        lambda device, _: run_loro(art.cfg, secrets_, lcfg, device, art.weight_of, o.verify),
+        owned=True)
 
 
 # the enclave runs norms, activations and RoPE itself (any of plain's); the device's attention is

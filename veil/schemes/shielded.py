@@ -11,7 +11,8 @@ import torch
 from veil.backends.plain import TorchOps
 from veil.model.opening import OpenedModel
 from veil.tee.artifact import Opened
-from veil.schemes.base import NoOptions, Placement, Protected, Scheme, StepSession, Tolerance
+from veil.schemes.base import (EnclaveHolding, NoOptions, Placement, Protected, Scheme, StepSession,
+                               Tolerance)
 
 
 @dataclass
@@ -28,13 +29,16 @@ class ShieldedSecrets:
         return ShieldedSecrets({k.removeprefix("enclave."): v for k, v in tensors.items()})
 
 
-class ShieldedSession(StepSession):
+class ShieldedSession(StepSession, EnclaveHolding):
     """The enclave runs the torch executor on its own copy of the weights. A copy it unsealed is
     its own, and is wiped on close (weights handed in by `veil.load` belong to the caller)."""
 
     def __init__(self, cfg: Any, weights: dict[str, torch.Tensor], owned: bool) -> None:
         super().__init__("shielded", cfg, TorchOps(cfg, weights))
         self._owned = weights if owned else {}
+
+    def resident_secret_bytes(self) -> int:
+        return sum(t.nbytes for t in self.ops.w.values())
 
     def _release(self) -> None:
         for t in self._owned.values():

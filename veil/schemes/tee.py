@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 
 from veil.cost import SplitCost
 from veil.errors import ConfigError
-from veil.schemes.base import DeviceViewing, SchemeOptions, StepSession
+from veil.schemes.base import DeviceViewing, EnclaveHolding, SchemeOptions, StepSession
 from veil.tee.device import View
 from veil.tee.process import DeviceHandle
 from veil.tee.runtime import TeeModelOps, start_device
@@ -43,20 +43,22 @@ class DeviceOptions(SchemeOptions):
             raise ConfigError("options 'device_threads' and 'device_cpus' need device='process'")
         return mode
 
-    def start(self, weights: dict[str, torch.Tensor] | Path, mode: str
+    def start(self, weights: dict[str, torch.Tensor] | Path | None, mode: str
               ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
         return start_device(weights, mode, self.record_view, self.device_threads,
                             list(self.device_cpus) if self.device_cpus is not None else None)
 
 
-class TeeSession(StepSession, DeviceViewing):
+class TeeSession(StepSession, DeviceViewing, EnclaveHolding):
     """The enclave's Ops over a running device: counters from both sides, the device's view, and a
-    close that stops the device and wipes the enclave's secrets."""
+    close that stops the device and wipes the enclave's secrets — and its parameters when they are
+    its own (`owned`: unsealed from an artifact, not the caller's weights)."""
 
     ops: TeeModelOps
 
-    def __init__(self, scheme: str, cfg: Any, ops: TeeModelOps) -> None:
+    def __init__(self, scheme: str, cfg: Any, ops: TeeModelOps, owned: bool) -> None:
         super().__init__(scheme, cfg, ops)
+        self.owned = owned
 
     def counters(self) -> SplitCost:
         return self.ops.cost_counters()
@@ -64,5 +66,39 @@ class TeeSession(StepSession, DeviceViewing):
     def device_view(self) -> View:
         return self.ops.device_view()
 
+    def resident_secret_bytes(self) -> int:
+        return self.ops.resident_secret_bytes()
+
     def _release(self) -> None:
-        self.ops.close()
+        try:
+            self.ops.close()
+        finally:
+            for t in self.ops.w.values() if self.owned else ():
+                t.zero_()
+
+
+class Wipeable(Protocol):
+    def wipe(self, weights: bool = False) -> None: ...
+
+
+def start_session(scheme: str, cfg: Any, options: DeviceOptions, mode: str,
+                  device_weights: dict[str, torch.Tensor] | Path | None, secrets: Wipeable,
+                  build: Callable[[DeviceHandle, Callable[[str], torch.Tensor]], TeeModelOps],
+                  owned: bool) -> TeeSession:
+    """Start the device on `device_weights`, build the enclave's Ops over it (`build`) and wrap
+    them in a session. If anything fails on the way, the device is stopped and the secrets are
+    wiped before the error goes on: nothing is left running or lying in memory."""
+    device = None
+    done = False
+    try:
+        device, weight_of = options.start(device_weights, mode)
+        session = TeeSession(scheme, cfg, build(device, weight_of), owned)
+        done = True
+        return session
+    finally:
+        if not done:
+            try:
+                if device is not None:
+                    device.stop()
+            finally:
+                secrets.wipe(owned)

@@ -43,18 +43,27 @@ def is_artifact(path: Any) -> bool:
     return isinstance(path, (str, os.PathLike)) and (Path(path) / ARTIFACT).is_file()
 
 
-def new_folder(out: Path, key_file: Path | None) -> bytes:
-    """Check that `out` is free and return the sealing key (a key file that does not exist yet is
-    created, never inside `out`) — before any work is done."""
+def check_free(out: Path, key_file: Path | None) -> None:
+    """`out` must be new or empty, and the key file outside it (checked before any work)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder (nothing is overwritten)")
+    if key_file is not None and out.resolve() in Path(key_file).resolve().parents:
+        raise ConfigError(f"the key file {key_file} must not be inside the artifact folder {out}")
+
+
+def new_folder(out: Path, key_file: Path | None) -> bytes:
+    """The sealing key for a new artifact in `out`: read from `key_file` (created when it does not
+    exist yet) or $VEIL_SEAL_KEY."""
+    check_free(out, key_file)
     if key_file is None:
         return read_key(None)
-    key_file = Path(key_file).resolve()
-    if out.resolve() in key_file.parents:
-        raise ConfigError(f"the key file {key_file} must not be inside the artifact folder {out}")
-    return read_key(key_file) if key_file.exists() else write_key(key_file)
+    return read_key(key_file) if Path(key_file).exists() else write_key(Path(key_file))
+
+
+def public_config(folder: Path) -> ModelConfig:
+    """The architecture an artifact was made for (public; read before anything is unsealed)."""
+    return load_config(folder / "device")
 
 
 def write(out: Path, key: bytes, scheme: str, source: str, hf_config: dict[str, Any],
@@ -113,7 +122,7 @@ def open_sealed(folder: Path, scheme: str, key_file: Path | None) -> Opened:
     if not sealed.is_file():
         raise IntegrityError(f"{folder}: enclave.sealed is missing")
     tensors, meta = unseal(sealed.read_bytes(), key, f"{scheme}/enclave", str(sealed))
-    cfg = load_config(folder / "device")
+    cfg = public_config(folder)
     if meta.get("device_sha256") is None:
         return Opened(cfg, tensors, meta, None, None)
     if not isinstance(meta.get("device_sha256"), str):

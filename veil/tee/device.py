@@ -199,11 +199,18 @@ def serve(channel: Channel, state: DeviceState) -> None:
             return
 
 
+# The device only answers: it waits for the enclave's next request as long as the enclave lives
+# (a user may pause between generations), and the socket's EOF — the enclave closed or died —
+# ends it. The enclave's side keeps a short timeout: a device that stalls mid-request is an error.
+ENCLAVE_WAIT_S = 24 * 3600.0
+
+
 def serve_in_thread(state: DeviceState, timeout_s: float = 30.0) -> tuple[Channel, threading.Thread]:
     """In-process mode: the device answers over a socketpair from a daemon thread — the same
-    framing and counting as a separate process, without the process."""
+    framing and counting as a separate process, without the process. `timeout_s` bounds the
+    enclave's wait for a reply."""
     a, b = socket.socketpair()
-    thread = threading.Thread(target=serve, args=(Channel(b, timeout_s, "enclave"), state),
+    thread = threading.Thread(target=serve, args=(Channel(b, ENCLAVE_WAIT_S, "enclave"), state),
                               daemon=True, name="veil-device")
     thread.start()
     return Channel(a, timeout_s, "device"), thread

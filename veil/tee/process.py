@@ -1,13 +1,14 @@
 """The device as its own OS process, and the handle the enclave keeps on it.
 
-The device process is `python -m veil.tee.device_main WEIGHTS FD [--record] [--threads=N]`
-(veil/tee/device_main.py). The handle starts it, stops it, and makes sure it never outlives the
+The device process is `python -m veil.tee.device_main SPEC` (veil/tee/device_main.py). The handle starts it, stops it, and makes sure it never outlives the
 enclave (the socket closes when the enclave dies, and the device exits on EOF; `stop` also waits
 for it and kills it after a bound, so no zombie is left).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -15,15 +16,45 @@ import subprocess
 import sys
 import threading
 import weakref
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load
 
 from veil.errors import CheckpointError, ConfigError, IntegrityError, ProtocolAbort
-from veil.model.zoo import file_sha256
 from veil.tee.channel import Channel
 from veil.tee.device import DeviceState, serve_in_thread
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the device process is started with."""
+
+    weights: str                 # safetensors file of what the device may hold
+    fd: int                      # the inherited socket to the enclave
+    record: bool = False         # keep everything received (the device view)
+    threads: int | None = None   # torch threads (None: torch's choice)
+
+    def __post_init__(self) -> None:
+        ok = (isinstance(self.weights, str) and isinstance(self.fd, int) and self.fd >= 0
+              and isinstance(self.record, bool)
+              and (self.threads is None or (isinstance(self.threads, int) and self.threads >= 1)))
+        if not ok:
+            raise ConfigError(f"malformed device spec {asdict(self)}")
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "veil.tee.device_main", json.dumps(asdict(self))]
+
+    @staticmethod
+    def parse(argv: list[str]) -> "DeviceSpec":
+        try:
+            (text,) = argv
+            return DeviceSpec(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"the device process takes one argument, its spec as JSON ({exc})") \
+                from None
 
 
 class DeviceHandle:
@@ -54,13 +85,16 @@ class DeviceHandle:
         on a machine shared with the enclave, 1 keeps the two from fighting over cores).
         cpus: the cores it may run on (benchmarks give enclave and device a core each)."""
         ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-m", "veil.tee.device_main", str(weights), str(theirs.fileno())]
-        if record:
-            cmd.append("--record")
-        if threads is not None:
-            cmd.append(f"--threads={int(threads)}")
-        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-        theirs.close()
+        cmd = DeviceSpec(str(weights), theirs.fileno(), record, threads).argv()
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            if cleanup is not None:
+                shutil.rmtree(cleanup, ignore_errors=True)
+            raise ConfigError(f"cannot start the device process ({exc})") from None
+        finally:
+            theirs.close()
         handle = DeviceHandle(Channel(ours, timeout_s, "device"), proc=proc, cleanup=cleanup)
         if cpus is not None:
             try:
@@ -97,17 +131,31 @@ def _release(channel: Channel, proc: subprocess.Popen | None, thread: threading.
 
 class SafetensorsReader:
     """The enclave's read access to the device's masked weights (for offline pad products and
-    Freivalds vectors), checked against a digest the enclave trusts when one is given."""
+    Freivalds vectors). With a digest the enclave trusts, the file is read once into enclave
+    memory and the digest is checked on exactly those bytes: the device controls the file, so a
+    check followed by a second read (a memory map) would let it swap the file in between."""
 
     def __init__(self, path: Path, sha256: str | None = None) -> None:
         self.path = Path(path)
-        if sha256 is not None and file_sha256(self.path) != sha256:
+        try:
+            if sha256 is None:
+                self._file = safe_open(str(self.path), framework="pt")
+                self.weight = self._mapped
+                return
+            data = self.path.read_bytes()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{self.path}: unreadable device weights ({exc})") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"{self.path}: the device weights differ from the ones sealed "
                                  "with this artifact (tampered or replaced)")
         try:
-            self._file = safe_open(str(self.path), framework="pt")
-        except (SafetensorError, OSError) as exc:
+            self._tensors = load(data)
+        except SafetensorError as exc:
             raise CheckpointError(f"{self.path}: unreadable device weights ({exc})") from None
+        self.weight = self._held
 
-    def weight(self, name: str) -> torch.Tensor:
+    def _mapped(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(f"{name}.weight")
+
+    def _held(self, name: str) -> torch.Tensor:
+        return self._tensors[f"{name}.weight"]

@@ -6,6 +6,7 @@ OS process (veil/tee/process.py), which holds the masked weights and nothing els
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -84,9 +85,12 @@ class TeeModelOps(EnclaveOps):
                 + self.protocol.nbytes())
 
     def close(self) -> None:
-        """Stop the device (closing the channel first), then wipe the enclave's secrets."""
-        self.device.stop()
-        self.wipe()
+        """Stop the device (closing the channel first), then wipe the enclave's secrets — even
+        when stopping fails."""
+        try:
+            self.device.stop()
+        finally:
+            self.wipe()
 
 
 def protect_loro(cfg: ModelConfig, weights: Weights,
@@ -133,18 +137,23 @@ def start_device(device_weights: dict[str, torch.Tensor] | Path | None, mode: st
     if device_weights is None:
         raise IntegrityError("no device weights: the artifact has none for a split scheme")
     if mode == "thread":
-        if cpus is not None or threads is not None:
-            raise ConfigError("device_threads/device_cpus need device='process'")
         weights = (device_weights if isinstance(device_weights, dict)
                    else read_safetensors([Path(device_weights)]))
         return DeviceHandle.in_thread(weights, record), lambda n: weights[f"{n}.weight"]
-    if mode != "process":
-        raise ConfigError(f"device must be 'thread' or 'process', got {mode!r}")
-    if isinstance(device_weights, dict):
-        cleanup = Path(tempfile.mkdtemp(prefix="veil-device-"))
-        path = cleanup / "model.safetensors"
+    if not isinstance(device_weights, dict):
+        path = Path(device_weights)
+        return (DeviceHandle.in_process(path, record, threads=threads, cpus=cpus),
+                SafetensorsReader(path).weight)
+    cleanup = Path(tempfile.mkdtemp(prefix="veil-device-"))
+    path = cleanup / "model.safetensors"
+    written = False
+    try:
         save_file(device_weights, str(path))
-    else:
-        path, cleanup = Path(device_weights), None
-    device = DeviceHandle.in_process(path, record, cleanup=cleanup, threads=threads, cpus=cpus)
-    return device, SafetensorsReader(path).weight
+        reader = SafetensorsReader(path)
+        written = True
+    finally:
+        if not written:     # the masked weights must not stay on disk
+            shutil.rmtree(cleanup, ignore_errors=True)
+    # from here the handle owns the folder (removed when it stops, even if starting fails)
+    return (DeviceHandle.in_process(path, record, cleanup=cleanup, threads=threads, cpus=cpus),
+            reader.weight)

@@ -232,6 +232,16 @@ class BaselineSecrets:
 
     _FIELDS = ("perm_in", "perm_out", "scale", "delta_idx", "delta_val")
 
+    def wipe(self, weights: bool = False) -> None:
+        """Zero the drawn transforms; with `weights`, the enclave's parameters too (when they are
+        its own copy, unsealed from an artifact)."""
+        for o in self.obf.values():
+            o.wipe()
+        for p in self.perms:
+            p.wipe()
+        for t in self.enclave.values() if weights else ():
+            t.zero_()
+
     def to_sealable(self) -> tuple[dict[str, torch.Tensor], dict]:
         t: dict[str, torch.Tensor] = {f"enclave.{k}": v for k, v in self.enclave.items()}
         obf_meta = {}

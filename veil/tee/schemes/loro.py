@@ -300,6 +300,15 @@ class LoroSecrets:
     local: dict[str, torch.Tensor]          # norm weights and biases
     perms: list[HeadMixing]
 
+    def wipe(self, weights: bool = False) -> None:
+        """Zero the drawn secrets; with `weights`, the enclave's parameters too (when they are
+        its own copy, unsealed from an artifact)."""
+        self.bank.wipe()
+        for p in self.perms:
+            p.wipe()
+        for t in self.local.values() if weights else ():
+            t.zero_()
+
     def to_sealable(self) -> tuple[dict[str, torch.Tensor], dict]:
         t: dict[str, torch.Tensor] = {f"local.{k}": v for k, v in self.local.items()}
         t.update({f"bank.b.{d}": v for d, v in self.bank.bank_b.items()})
