@@ -183,3 +183,27 @@ def test_close_wipes_the_parameters_unsealed_from_an_artifact(scheme, tmp_path):
     assert owned and all(float(t.abs().sum()) > 0 for t in owned)
     m.close()
     assert all(float(t.abs().sum()) == 0 for t in owned)
+
+
+def test_a_script_mixing_transformers_and_a_thread_device_exits_cleanly(tmp_path):
+    """The shape of the reported abort: a script that ran a transformers model and a veil plain
+    model, then generated under loro with its in-process device and returned, died at interpreter
+    exit ("terminate called without an active exception", status 134). The report used an unseen
+    0.5B qwen2 GGUF; on tiny models the old code did not abort, so this guards the shape only —
+    the device-process scripts above fail on the old code (its `__del__` traceback at exit)."""
+    code = textwrap.dedent("""
+        import torch, transformers, veil
+        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+        veil.load("tiny-llama").generate([1, 2, 3], max_new_tokens=4)
+        m = veil.load("tiny-llama", scheme="loro")
+        print(m.generate([1, 2, 3], max_new_tokens=24).token_ids)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr[-2000:]
+    assert done.stdout.startswith("[")

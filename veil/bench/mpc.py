@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 from veil.errors import ConfigError, ProtocolAbort, VeilError
 from veil.model.config import PRESETS, ModelConfig
-from veil.mpc.cluster import Cluster, PartyProcess, free_ports, run_local, wait_parties
+from veil.mpc.cluster import (Cluster, PartyProcess, free_ports, read_json, run_local,
+                              wait_parties)
 
 VARIANTS = ("vanilla", "only-er", "only-mm", "merge")
 # "+logits": the same contender with MpcConfig(reveal="logits") — the client receives the logits
@@ -153,12 +154,7 @@ class PartySpec:
     @staticmethod
     def load(path: str | Path) -> "PartySpec":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read the party spec {path} ({exc.strerror})") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not JSON ({exc})") from None
+        raw = read_json(path, "the party spec")
         names = [f.name for f in fields(PartySpec)]
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object")

@@ -48,6 +48,16 @@ from veil.mpc.config import CLIENT, MPC_KEYS, OWNER, MpcConfig
 ROLES = {0: "owner", 1: "client", 2: "helper"}
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file a process was handed (`what` names it in the error)."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path} ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from None
+
+
 @dataclass(frozen=True)
 class Cluster:
     mpc: MpcConfig
@@ -84,14 +94,7 @@ class Cluster:
 
     @staticmethod
     def load(path: str | Path) -> "Cluster":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read the cluster description {path} ({exc.strerror})") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not JSON ({exc})") from None
-        return Cluster.from_dict(raw, str(path))
+        return Cluster.from_dict(read_json(Path(path), "the cluster description"), str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.mpc.protocol, "field": self.mpc.field, "fxp_bits": self.mpc.fxp_bits,

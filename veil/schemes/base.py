@@ -90,13 +90,6 @@ class SchemeOptions:
         except ConfigError as exc:
             raise type(exc)(f"{scheme}: {exc}") from None
 
-    def changed(self) -> dict[str, Any]:
-        """The options set away from their defaults (what an artifact records, what a bench
-        row names)."""
-        default = type(self)()
-        return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
-                if getattr(self, f.name) != getattr(default, f.name)}
-
 
 @dataclass(frozen=True)
 class NoOptions(SchemeOptions):
