@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+import veil
 from veil.backends.recording import RecordingOps
+from veil.model.generate import SamplingConfig, generate_ids
 from veil.model.weights import Weights
 
 
@@ -159,9 +161,6 @@ def audit_run(model: str, scheme: str, prompt: list[int], max_new_tokens: int = 
               **options) -> AuditReport:
     """Generate under `scheme` with the device view recorded, replay the same generation in plain
     with every activation kept, and audit the view against both."""
-    import veil
-    from veil.model.generate import SamplingConfig, generate_ids
-
     with veil.load(model, scheme=scheme, record_view=True, **options) as protected, \
             veil.load(model) as plain:
         recorder = RecordingOps(plain.cfg, plain.ops.w)

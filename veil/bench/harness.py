@@ -18,7 +18,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from veil.bench import mpc as mpc_bench
 from veil.bench.spec import WorkerSpec
+from veil.bench.tee import rows_and_table
+from veil.tee.latency import DEFAULT_HARDWARE, load_hardware
 from veil.errors import ConfigError
 
 SUITES = ("plain-vs-hf", "tee", "mpc", "mpc-fused")
@@ -104,18 +109,11 @@ def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: 
     if repeats < 1 or new_tokens < 2:
         raise ConfigError("repeats must be ≥ 1 and new_tokens ≥ 2")
     if suite in ("mpc", "mpc-fused"):   # own sweeps (GPT-2-base shapes, MSL 64–512): bench/mpc.py
-        from veil.bench.mpc import run
-
-        return run(out_dir=out_dir, fused=suite == "mpc-fused")
-    import torch
-
+        return mpc_bench.run(out_dir=out_dir, fused=suite == "mpc-fused")
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU",
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__}
     if suite == "tee":
-        from veil.bench.tee import rows_and_table
-        from veil.tee.latency import DEFAULT_HARDWARE, load_hardware
-
         hw_path = Path(hardware) if hardware is not None else DEFAULT_HARDWARE
         load_hardware(hw_path)             # a bad profile fails before the long run
         measured = _worker("tee", model, repeats, new_tokens, module="veil.bench.tee")

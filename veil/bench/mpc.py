@@ -36,9 +36,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from veil.errors import ConfigError, ProtocolAbort, VeilError
+from veil.model import zoo
 from veil.model.config import PRESETS, ModelConfig
+from veil.mpc.config import MpcConfig
 from veil.mpc.cluster import (Cluster, PartyProcess, free_ports, read_json, run_local,
                               wait_parties)
+from veil.variants.merge import merge, student_weights, variant_config
 
 VARIANTS = ("vanilla", "only-er", "only-mm", "merge")
 # "+logits": the same contender with MpcConfig(reveal="logits") — the client receives the logits
@@ -67,9 +70,7 @@ GPT2_BASE = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=1
 def model_for(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 0):
     """(config, owner's MPC params) of a contender: random weights, converted like a student.
     `base_name`: gpt2-base (the benchmark's shapes) or a tiny preset (the suite's test)."""
-    from veil.model import zoo
-    from veil.mpc.program import params_of
-    from veil.variants.merge import merge, student_weights, variant_config
+    from veil.mpc.program import params_of      # jax: only the party processes load it
 
     if variant not in VARIANTS:
         raise ConfigError(f"unknown contender {variant!r} (known: {', '.join(VARIANTS)})")
@@ -170,12 +171,12 @@ class PartySpec:
 
 def _party_main(spec: PartySpec) -> None:
     """One bench party: build the contender, link up, measure, write the result to `spec.out`."""
+    # SPU and jax load only in the party processes, not in the launcher
     import numpy as np
     import spu.libspu as libspu
 
     from veil.mpc.eager import measure_party
     from veil.mpc.fused_timing import measure_fused_party
-    from veil.mpc.config import MpcConfig
     from veil.mpc.spu_runtime import scratch_dir
 
     lo = libspu.logging.LogOptions()
@@ -244,8 +245,6 @@ def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 30
 
 
 def cfg_vocab(base: str) -> int:
-    from veil.model import zoo
-
     return GPT2_BASE.vocab_size if base == "gpt2-base" else zoo.preset(base).vocab_size
 
 

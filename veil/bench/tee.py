@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+import veil
 from veil.bench.spec import WorkerSpec
 from veil.cost import SplitCost
 from veil.schemes import SCHEMES, of_kind
@@ -84,8 +85,6 @@ def _counts(model: Any, ids: list[int], weight_bytes: float) -> dict[str, Any]:
 
 
 def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]:
-    import veil
-
     device_cpu, separate = _pin()
     split_opts = {"device": "process", "device_threads": 1}
     if device_cpu is not None:

@@ -15,13 +15,13 @@ import time
 
 import torch
 
+import veil
 from veil.bench.spec import WorkerSpec
+from veil.model import zoo
 
 
 class _Veil:
     def __init__(self, model: str, prompt: str) -> None:
-        import veil
-
         self.m = veil.load(model)
         self.ids = self.m.encode(prompt) if self.m.tokenizer is not None else [1, 2, 3, 4, 5, 6]
 
@@ -36,8 +36,6 @@ class _Veil:
 class _HF:
     def __init__(self, model: str, prompt: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from veil.model import zoo
 
         folder = zoo.resolve(model)
         if isinstance(folder, str):

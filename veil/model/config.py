@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from veil.errors import ConfigError, UnsupportedError
+from veil.errors import CheckpointError, ConfigError, UnsupportedError
 
 SUPPORTED_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM",),
@@ -248,7 +248,6 @@ def load_config(folder: Path) -> ModelConfig:
     """Read `folder/config.json`, raising `CheckpointError`/`ConfigError` with the file named."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        from veil.errors import CheckpointError
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
         data = json.loads(path.read_text())

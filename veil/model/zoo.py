@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from veil.errors import CheckpointError, ConfigError
-from veil.model.config import PRESETS, ModelConfig
+from veil.model.config import PRESETS, ModelConfig, config_from_hf
 from veil.model.weights import Weights, expected_shapes
 
 DEFAULT_MODEL = "default"
@@ -74,8 +74,6 @@ def convert_gguf(path: Path, out: Path) -> None:
     """Dequantise a GGUF into an HF safetensors folder at `out` (config, weights, tokenizer)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from veil.model.config import config_from_hf
 
     _check_gguf(path)
     try:

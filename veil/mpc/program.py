@@ -22,7 +22,7 @@ from veil.backends.plain import constant_probs
 from veil.model.config import ModelConfig
 from veil.model.forward import forward, hidden_states
 from veil.model.generate import step_window
-from veil.model.weights import Weights
+from veil.model.weights import Weights, expected_shapes
 from veil.mpc.jax_ops import JaxCache, JaxOps
 from veil.model.ops import Step, check_support
 
@@ -42,8 +42,6 @@ def params_of(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The shapes of `params_of`'s output, from the public config alone (what every party
     compiles against)."""
-    from veil.model.weights import expected_shapes
-
     return {k.replace(".attn.const", ".attn.probs"): v for k, v in expected_shapes(cfg).items()}
 
 

@@ -25,12 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from veil.backends.plain import TorchOps, TrainCache
+from veil.data import corpus_text
 from veil.errors import ConfigError
 from veil.model import native, zoo
 from veil.model.config import ModelConfig
 from veil.model.forward import hidden_states
+from veil.model.opening import open_model
 from veil.model.weights import Weights
 from veil.model.ops import Step
+from veil.train.quality import quality_table
 from veil.train.trainer import Run, TrainSettings, batch_at, train
 from veil.variants.merge import calibrate, merge, student_weights, variant_config
 
@@ -115,8 +118,6 @@ def merge_loss(cfg: ModelConfig, r: MergeRecipe) -> callable:
 
 
 def corpus_tokens(tokenizer, corpus: str, split: str, limit_chars: int | None = None) -> np.ndarray:
-    from veil.data import corpus_text
-
     text = corpus_text(corpus, split)
     if limit_chars:
         text = text[:limit_chars]
@@ -126,9 +127,6 @@ def corpus_tokens(tokenizer, corpus: str, split: str, limit_chars: int | None = 
 def run_recipe(r: MergeRecipe, out: Path, progress: bool = True, tokens: dict | None = None
                ) -> dict:
     """The whole recipe (each stage resumes from its checkpoint); returns the quality table."""
-    from veil.model.opening import open_model
-    from veil.train.quality import quality_table
-
     torch.set_default_device(r.device)
     opened = open_model(r.model)
     base_cfg, base_w = reduced(opened.cfg, opened.weights, r.layers)

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+import veil
+from veil.eval import perplexity
+from veil.model.generate import SamplingConfig, generate_ids
+
 PREFIX = 4
 
 
 def _free_running(model, ids: list[int], window: int, windows: int) -> float:
-    from veil.model.generate import SamplingConfig, generate_ids
-
     hits = total = 0
     for w in range(windows):
         chunk = ids[w * window:(w + 1) * window]
@@ -32,9 +34,6 @@ def _free_running(model, ids: list[int], window: int, windows: int) -> float:
 
 def quality_table(models: dict[str, Path], heldout: np.ndarray, window: int, windows: int
                   ) -> dict:
-    import veil
-    from veil.eval import perplexity
-
     ids = [int(t) for t in heldout[:window * windows]]
     rows = []
     for name, folder in models.items():
