@@ -40,6 +40,9 @@ def test_tee_smoke(tmp_path):
     assert loro["round_trips_per_decode_token"] == 5 * 2 + 2
     assert loro["bytes_per_decode_token"] > 0 and loro["offline_pad_mflop_per_token"] > 0
     assert loro["resident_secret_mib_no_multiplexing"] > 0
+    # each row carries the cost record the CLI prints (veil.cost.Cost.row), split counters included
+    assert loro["last_cost"]["scheme"] == "loro" and loro["last_cost"]["split_round_trips"] > 0
+    assert "split_round_trips" not in rows["plain"]["last_cost"]
     # the whole model in the TEE is the slowest projection of a prefill
     assert max(rows.values(), key=lambda r: r["projected_prefill_vs_accel"])["scheme"] == "shielded"
     text = paths[1].read_text()

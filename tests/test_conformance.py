@@ -55,10 +55,41 @@ def merge_model(tmp_path_factory):
 def test_matches_plain(name, preset):
     s = SCHEMES[name]
     with veil.load(preset) as plain, _load(preset, name) as m:
+        # the scheme promises no variant its executor cannot run
+        assert all(s.support[op] <= m.ops.support[op] for op in s.support), name
         assert_logits_close(m.logits(IDS), plain.logits(IDS), s.tolerance.tiny)
         got = [g.token_ids for g in m.generate(PROMPTS, max_new_tokens=12)]
         ref = [g.token_ids for g in plain.generate(PROMPTS, max_new_tokens=12)]
         assert got == ref
+
+
+@pytest.fixture(scope="module")
+def variant_models(tmp_path_factory):
+    """MERGE-variant students of tiny-gpt2 (constant attention, quad, affine norm; with and without
+    embedding resending), as veil model folders."""
+    root = tmp_path_factory.mktemp("variants")
+    return {v: native.save_native(root / v, *student("tiny-gpt2", v, calibrated=False))
+            for v in ("only-mm", "merge")}
+
+
+@pytest.mark.parametrize("variant", ["only-mm", "merge"])
+@pytest.mark.parametrize("name", [s.name for s in STEP])
+def test_every_claimed_variant_matches_plain(name, variant, variant_models):
+    """A support table is a promise: wherever a scheme claims a MERGE variant, it runs it
+    exactly; where it does not, it refuses it (above)."""
+    s = SCHEMES[name]
+    folder = variant_models[variant]
+    with veil.load(folder) as plain:
+        cfg = plain.cfg
+        if not all(getattr(cfg, VARIANT_KNOBS[op]) in s.support[op] for op in s.support):
+            with pytest.raises(veil.UnsupportedError, match=name):
+                veil.load(folder, scheme=name)
+            return
+        with _load(folder, name) as m:
+            ids = [IDS[0][:8]]
+            assert_logits_close(m.logits(ids), plain.logits(ids), s.tolerance.tiny)
+            got = m.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True).token_ids
+            assert got == plain.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True).token_ids
 
 
 @pytest.mark.mpc

@@ -126,6 +126,7 @@ def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]
             split = c.split if c.split is not None else SplitCost()
             row["device_busy_frac"].append(split.device_busy_s / wall)
             row["enclave_wait_frac"].append(split.enclave_wait_s / wall)
+            row["last_cost"] = c.row()        # the record the CLI prints, field for field
     for m in models.values():
         m.close()
     # resident secrets without factor multiplexing (no timing needed)
@@ -169,6 +170,7 @@ def rows_and_table(w: dict[str, Any], model: str, hardware_path: str) -> tuple[l
             "projected_decode_vs_accel": pd["total_s"] / proj_ref["decode"],
             "projected_prefill_vs_accel": pp["total_s"] / proj_ref["prefill"],
             "projection": {"decode": pd, "prefill": pp}, "counts": {"decode": r["decode"], "prefill": r["prefill"]},
+            "last_cost": r["last_cost"],
         })
     return rows, _markdown(rows, w, hw)
 

@@ -197,6 +197,9 @@ class EnclaveOps(TorchOps):
     """Ops for the enclave: local elementwise work, device calls for linears and attention."""
 
     name = "tee"
+    # the device's attention is softmax attention over its cache, and its caller the step loop
+    support = {**TorchOps.support, "attention": frozenset({"softmax"}),
+               "generation": frozenset({"standard"})}
 
     def __init__(self, cfg: ModelConfig, local: dict[str, torch.Tensor], protocol: LinearProtocol,
                  perms: list[HeadMixing], channel: Channel, scheme: str,

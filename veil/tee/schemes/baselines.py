@@ -192,6 +192,8 @@ class BaselineOps(TeeModelOps):
                  device: DeviceHandle) -> None:
         super().__init__(cfg, local, protocol, perms, channel, scheme, device=device)
         self.local_names, self.attention_on_device = local_names, attention_on_device
+        if not attention_on_device:     # the enclave's own attention runs every variant plain does
+            self.support = {**TorchOps.support, "generation": frozenset({"standard"})}
 
     def new_cache(self, batch: int, capacity: int):
         if self.attention_on_device:
@@ -279,8 +281,11 @@ def protect_baseline_secrets(scheme: str, cfg: ModelConfig, weights: Weights, sh
     device_weights, obf, local_names = protect_baseline(scheme, cfg, weights, share,
                                                         mask_fraction, rng)
     keep = {"embed.weight", "pos_embed.weight", "lm_head.weight"}
+    # the enclave keeps norms, biases, the tables, the LM head, its share of the linears and
+    # (constant attention) the attention tables: everything but the device's obfuscated matrices
     enclave = {k: v for k, v in weights.items()
-               if "norm" in k or k.endswith(".bias") or k in keep or k.rsplit(".", 1)[0] in local_names}
+               if "norm" in k or k.endswith((".bias", ".attn.const")) or k in keep
+               or k.rsplit(".", 1)[0] in local_names}
     perms = ([HeadMixing.sample(cfg, "permute", rng=rng) for _ in range(cfg.n_layers)] if scheme == "tlg"
              else [])
     return BaselineSecrets(scheme, enclave, obf, local_names, perms), device_weights

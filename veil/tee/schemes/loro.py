@@ -177,7 +177,10 @@ def input_groups(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     groups: dict[str, tuple[str, ...]] = {}
     for i in range(cfg.n_layers):
         p = f"layers.{i}"
-        for g in ((f"{p}.attn.q", f"{p}.attn.k", f"{p}.attn.v"), (f"{p}.attn.o",),
+        # constant attention (MERGE) has no q/k projections: v alone reads the norm's output
+        attn_in = ((f"{p}.attn.v",) if cfg.attention == "constant"
+                   else (f"{p}.attn.q", f"{p}.attn.k", f"{p}.attn.v"))
+        for g in (attn_in, (f"{p}.attn.o",),
                   ((f"{p}.mlp.gate", f"{p}.mlp.up") if cfg.mlp == "gated" else (f"{p}.mlp.up",)),
                   (f"{p}.mlp.down",)):
             groups[g[0]] = g
