@@ -73,9 +73,6 @@ def test_scheme_mpc_through_the_api(parties):
     assert ml.generate([5, 6, 7, 8], max_new_tokens=3, ignore_eos=True).token_ids == r.token_ids[:3]
     with pytest.raises(veil.UnsupportedError, match="greedily"):
         m.generate([5, 6], max_new_tokens=2, temperature=0.7)
-    # several prompts: one protocol run each, cut by the same finish rules
-    both = m.generate([[5, 6, 7, 8], [5, 6, 7, 8]], max_new_tokens=2, ignore_eos=True)
-    assert [g.token_ids for g in both] == [r.token_ids[:2]] * 2
     with pytest.raises(ConfigError, match="parties"):
         veil.load("tiny-gpt2", scheme="mpc", parties="cloud")
     with pytest.raises(veil.InputError):                     # ids outside the vocabulary
@@ -88,6 +85,20 @@ def test_scheme_mpc_through_the_api(parties):
         veil.load("tiny-gpt2", scheme="mpc")
     with pytest.raises(ConfigError, match="timeout_s"):
         veil.load("tiny-gpt2", scheme="mpc", protocol="aby3", timeout_s="soon")
+
+
+def test_several_prompts_run_one_protocol_run_each():
+    """A batch under MPC: each prompt its own fixed-length run, cut by the one loop's finish
+    rules — the second one by the context (125 + 5 > tiny-gpt2's 128: 3 tokens, "context")."""
+    plain = veil.load("tiny-gpt2")
+    prompts = [[5, 6, 7, 8], list(range(1, 126))]
+    ref = [plain.generate(p, max_new_tokens=5, ignore_eos=True) for p in prompts]
+    with pytest.warns(UserWarning, match="dealer"):
+        m = veil.load("tiny-gpt2", scheme="mpc")
+    got = m.generate(prompts, max_new_tokens=5, ignore_eos=True)
+    assert [g.token_ids for g in got] == [g.token_ids for g in ref]
+    assert [g.finish_reason for g in got] == [g.finish_reason for g in ref] == ["length", "context"]
+    assert len(got[1].token_ids) == 3
 
 
 @pytest.mark.parametrize("peak", [0.05, 3.0, 60.0, 700.0, 22552.0, 60000.0])
