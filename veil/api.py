@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 
+from veil import schemes
 from veil.cost import Cost, generation_flops
 from veil.errors import InputError, UnsupportedError
 from veil.model.forward import forward
@@ -18,10 +19,9 @@ from veil.model.generate import (GenerationTrace, SamplingConfig, check_prompts,
 from veil.model.opening import open_model
 from veil.model.ops import check_support
 from veil.model.tokenizer import Tokenizer
-from veil import schemes
 from veil.schemes.artifacts import open_artifact
-from veil.tee.artifact import is_artifact
 from veil.schemes.base import DeviceViewing, FixedLengthSession, Session, StepSession
+from veil.tee.artifact import is_artifact
 
 Prompt = Union[str, Sequence[int]]
 
