@@ -62,7 +62,7 @@ def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
         return Protected(secrets_, device_weights)
 
     def open_(opened: OpenedModel, o: BaselineOptions) -> TeeSession:
-        mode = o.mode("thread")
+        mode = o.mode("thread", name)
         secrets_, device_weights = protect_baseline_secrets(
             name, opened.cfg, opened.weights, o.enclave_share, o.noised_fraction())
         return start_session(name, opened.cfg, o, mode, device_weights, secrets_,
@@ -70,7 +70,7 @@ def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
                              owned=False)
 
     def open_protected(art: Opened, o: DeviceOptions) -> TeeSession:
-        mode = o.mode("process")
+        mode = o.mode("process", name)
         secrets_ = BaselineSecrets.from_sealed(art.tensors, art.meta)
         return start_session(name, art.cfg, o, mode, art.device_weights, secrets_,
                              lambda device, _: run_baseline(art.cfg, secrets_, device),

@@ -37,7 +37,7 @@ class LoroOptions(LoroConfig, LoroRunOptions):
 
 
 def _open(opened: OpenedModel, o: LoroOptions) -> TeeSession:
-    mode = o.mode("thread")
+    mode = o.mode("thread", "loro")
     lcfg = o.config()
     secrets_, device_weights = protect_loro(opened.cfg, opened.weights, lcfg)
     return start_session(
@@ -53,7 +53,7 @@ def _protect(opened: OpenedModel, o: LoroOptions) -> Protected:
 
 def _open_protected(art: Opened, o: LoroRunOptions) -> TeeSession:
     lcfg = LoroConfig(**art.meta["config"])
-    mode = o.mode("process")
+    mode = o.mode("process", "loro")
     secrets_ = LoroSecrets.from_sealed(art.tensors, art.meta)
     # the enclave reads the weights it verified against the sealed digest, not the device's copy
     return start_session(

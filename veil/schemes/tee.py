@@ -34,13 +34,21 @@ class DeviceOptions(SchemeOptions):
         if self.device_cpus is not None and (not self.device_cpus
                                              or any(c < 0 for c in self.device_cpus)):
             raise ConfigError(f"option 'device_cpus' must list core numbers, got {self.device_cpus}")
+        if self.device == "thread" and self._process_only():
+            raise ConfigError(self._process_only())
 
-    def mode(self, default: str) -> str:
+    def _process_only(self) -> str:
+        """The complaint when options only a device process takes are set, or ""."""
+        if self.device_threads is None and self.device_cpus is None:
+            return ""
+        return "options 'device_threads' and 'device_cpus' need device='process'"
+
+    def mode(self, default: str, scheme: str) -> str:
         """The device mode for a path whose default is `default`, checked against the options
         that only a process takes (before anything is started)."""
         mode = self.device or default
-        if mode == "thread" and (self.device_threads is not None or self.device_cpus is not None):
-            raise ConfigError("options 'device_threads' and 'device_cpus' need device='process'")
+        if mode == "thread" and self._process_only():
+            raise ConfigError(f"{scheme}: {self._process_only()}")
         return mode
 
     def start(self, weights: dict[str, torch.Tensor] | Path | None, mode: str
