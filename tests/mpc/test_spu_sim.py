@@ -125,15 +125,17 @@ def test_norm_survives_massive_activations(peak):
 
 @pytest.mark.default_model
 def test_default_model_under_semi2k(default_model):
-    """The embedded default model under SEMI2K (simulator): plain's first greedy tokens; logits
-    within 0.25 (measured 0.05–0.11 on this prompt: fixed point over 30 layers)."""
+    """The embedded default model under SEMI2K (simulator): the prompt step — 30 layers of
+    fixed-point norms over SmolLM2's massive activations — gives plain's first greedy token, its
+    logits within 0.25 (measured 0.05–0.11: fixed point over 30 layers). Decode steps under SEMI2K
+    are checked on the tiny families; one step here keeps the suite's longest test short."""
     ids = default_model.encode("The capital of France is")
-    ref = default_model.generate(ids, max_new_tokens=2, ignore_eos=True).token_ids
-    r = simulate(default_model.cfg, params_of(default_model.cfg, default_model.ops.w), ids, 2,
+    ref = default_model.generate(ids, max_new_tokens=1, ignore_eos=True).token_ids
+    r = simulate(default_model.cfg, params_of(default_model.cfg, default_model.ops.w), ids, 1,
                  MpcConfig(), reveal_logits=True)
     assert r.tokens == ref
-    full = default_model.logits([ids + ref[:-1]])[0].numpy()
-    err = max(float(np.abs(r.logits[i].reshape(-1) - full[len(ids) - 1 + i]).max()) for i in range(2))
+    full = default_model.logits([ids])[0].numpy()
+    err = float(np.abs(r.logits[0].reshape(-1) - full[len(ids) - 1]).max())
     assert err < 0.25, err
 
 
