@@ -1,0 +1,67 @@
+"""KV-cache inversion: the conversation read back from a KV cache and the public model.
+
+Threat: a memory scraper on the untrusted accelerator (LeftoverLocals-style) reads the KV cache;
+it knows the model (an open checkpoint). Layer 0's values depend on the token alone (and, for
+learned positions, on its position): v₀ = W_v · norm₀(E[t] (+ P[p])) + b_v. So the attacker
+tabulates v₀ for every vocabulary token once and reads each cached row off by nearest neighbour —
+no queries, no training. This is attack 1 of issue #15 ("plain cache, public weights"); it reads
+caches kept in the clear, and it is the baseline the transformed caches (KV-Shield's
+permutations, LoRO's and TLG's head mixings) must be measured against with stronger attacks
+(permutation recovery, rotation-invariant signatures, Procrustes), which are not built yet.
+
+Inputs: the layer-0 value cache (B, n_kv_heads, S, head_dim), as a device view holds it
+(`kv_cache.v`[0]), the public config and weights, and the cache slots' positions (public: a
+request's length is visible to the device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from veil.backends.plain import TorchOps
+from veil.model.config import ModelConfig
+from veil.model.weights import Weights
+
+_CHUNK = 4096        # vocabulary rows per product: bounds memory on a 49 152-token vocabulary
+
+
+def vocabulary_values(cfg: ModelConfig, weights: Weights, position: int | None = None
+                      ) -> torch.Tensor:
+    """Layer 0's value rows (V, n_kv_heads·head_dim) for every token of the vocabulary — at
+    `position` for a model with learned positions (None otherwise: they do not depend on it)."""
+    ops = TorchOps(cfg, weights)
+    table = weights["embed.weight"]
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, table.shape[0], _CHUNK):
+            x = table[start:start + _CHUNK][None].float()                        # (1, n, d)
+            if cfg.position == "learned":
+                assert position is not None, "learned positions: give the row's position"
+                x = x + weights["pos_embed.weight"][position]
+            h = x if cfg.merged else ops.norm(x, "layers.0.attn_norm")
+            rows.append(ops.linear(h, "layers.0.attn.v")[0])                      # (n, kv_dim)
+    return torch.cat(rows)
+
+
+def invert_values(cfg: ModelConfig, weights: Weights, cache_v0: torch.Tensor,
+                  positions: list[int]) -> list[int]:
+    """Token id of each slot of one sequence, read off layer 0's value cache by nearest
+    neighbour (L2) among the vocabulary's value rows.
+
+    cache_v0: (n_kv_heads, S, head_dim), one row of the batch; positions: each slot's position
+    (slots 0 … len(positions) − 1 are read)."""
+    n = len(positions)
+    got = cache_v0[:, :n].transpose(0, 1).reshape(n, -1).float()                  # (n, kv_dim)
+    if cfg.position != "learned":
+        table = vocabulary_values(cfg, weights)
+        return torch.cdist(got, table).argmin(-1).tolist()
+    out = []
+    for i, p in enumerate(positions):       # each position has its own table
+        out.append(int(torch.cdist(got[i:i + 1], vocabulary_values(cfg, weights, p)).argmin()))
+    return out
+
+
+def recovery_rate(predicted: list[int], truth: list[int]) -> float:
+    """The share of positions whose token was recovered exactly."""
+    assert len(predicted) == len(truth) and truth
+    return sum(int(a == b) for a, b in zip(predicted, truth)) / len(truth)
