@@ -61,6 +61,51 @@ def invert_values(cfg: ModelConfig, weights: Weights, cache_v0: torch.Tensor,
     return out
 
 
+def _signature(rows: torch.Tensor, n_heads: int, kind: str) -> torch.Tensor:
+    """Per-head signatures (N, n_heads, k) of value rows (N, n_heads·head_dim) that a head-block
+    transform leaves unchanged: `sorted` — each head's entries sorted (invariant under a
+    permutation of its features); `norms` — each head's L2 norm (invariant under any orthogonal
+    transform of it, rotations included)."""
+    blocks = rows.view(rows.shape[0], n_heads, -1)
+    if kind == "sorted":
+        return blocks.sort(dim=-1).values
+    if kind == "norms":
+        return blocks.norm(dim=-1, keepdim=True)
+    raise ValueError(f"unknown signature {kind!r}")
+
+
+def invert_mixed_values(cfg: ModelConfig, weights: Weights, cache_v0: torch.Tensor,
+                        positions: list[int], kind: str) -> list[int]:
+    """Attack 2 of issue #15, the signature half: read a layer-0 value cache kept under secret
+    head-block transforms (KV heads permuted, each head's features permuted — `sorted` — or
+    rotated — `norms`) by matching transform-invariant per-head signatures against the
+    vocabulary's, under the best assignment of the device's head slots to true heads (the
+    permutation of heads is one per layer: every slot's row shares it, so it is chosen once for
+    the whole sequence by total distance)."""
+    import itertools
+
+    n = len(positions)
+    nkv = cfg.n_kv_heads
+    got = _signature(cache_v0[:, :n].transpose(0, 1).reshape(n, -1).float(), nkv, kind)
+    if cfg.position != "learned":
+        shared = _signature(vocabulary_values(cfg, weights), nkv, kind)          # (V, nkv, k)
+        sigs = [shared] * n
+    else:
+        sigs = [_signature(vocabulary_values(cfg, weights, p), nkv, kind) for p in positions]
+    best: tuple[float, list[int]] | None = None
+    for order in itertools.permutations(range(nkv)):
+        total, picks = 0.0, []
+        for i in range(n):
+            d = (sigs[i][:, list(order)] - got[i]).flatten(1).norm(dim=-1)        # (V,)
+            j = int(d.argmin())
+            total += float(d[j])
+            picks.append(j)
+        if best is None or total < best[0]:
+            best = (total, picks)
+    assert best is not None
+    return best[1]
+
+
 def recovery_rate(predicted: list[int], truth: list[int]) -> float:
     """The share of positions whose token was recovered exactly."""
     assert len(predicted) == len(truth) and truth

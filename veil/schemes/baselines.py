@@ -84,7 +84,9 @@ def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
         rows.append(Placement("attention", "device", "Q, K, V under head/feature permutations",
                               "the KV cache, permuted",
                               "permutations only: undone by matching against the public prior "
-                              "(MSP)", holds=("kv_cache.*",), receives=("attention:*",)))
+                              "(MSP); the conversation: each head's sorted values identify every "
+                              "token (veil/attacks/kv_inversion.py: 100% on the default model)",
+                              holds=("kv_cache.*",), receives=("attention:*",)))
     else:
         rows.append(Placement("attention (and the KV cache)", "enclave", "—", "—"))
     support = {**TorchOps.support, "attention": frozenset({"softmax"})} if attention_on_device \

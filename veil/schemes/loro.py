@@ -95,6 +95,9 @@ LORO = Scheme(
         Placement("RoPE", "enclave", "—", "—"),
         Placement("attention", "device", "Q, K, V under secret head-block orthogonal transforms",
                   "the KV cache under the same transforms",
+                  "the conversation: each head's norm survives a rotation, and layer 0's value "
+                  "norms identify every token (veil/attacks/kv_inversion.py: 100% of a 56-token "
+                  "chat on the default model)",
                   holds=("kv_cache.*",), receives=("attention:*",)),
         Placement("activation, residual adds", "enclave", "—", "—"),
         Placement("LM head", "device + enclave", "h + s·g", "E' (tied) or W'_head",
