@@ -23,6 +23,8 @@ mpc_app = typer.Typer(no_args_is_help=True, help="Multi-party private generation
 app.add_typer(mpc_app, name="mpc")
 train_app = typer.Typer(no_args_is_help=True, help="Training recipes of the model variants.")
 app.add_typer(train_app, name="train")
+attack_app = typer.Typer(no_args_is_help=True, help="Attacks on what the untrusted side holds.")
+app.add_typer(attack_app, name="attack")
 out = Console()
 err = Console(stderr=True)
 
@@ -231,6 +233,35 @@ def explain(scheme: str = typer.Option("plain", "--scheme", "-s")) -> None:
     for p in s.placement:
         t.add_row(p.op, p.runs_on, p.device_receives, p.device_holds,
                   f"[bold red]{p.leaks}[/]" if p.leaks else "")
+    out.print(t)
+
+
+@attack_app.command("kv-inversion")
+@_clean_errors
+def attack_kv_inversion(prompt: str = typer.Argument("My doctor said the biopsy came back positive."),
+                        model: str = typer.Option("default"),
+                        scheme: str = typer.Option("plain", "--scheme", "-s"),
+                        max_new_tokens: int = typer.Option(8, "--max-new-tokens", "-n"),
+                        chat: bool = typer.Option(True, help="wrap in the chat template"),
+                        set_: list[str] = typer.Option([], "--set", help=_SET_HELP)) -> None:
+    """Read the conversation back from layer 0 of the KV cache the untrusted side holds, with
+    the public model only: nearest neighbour, and per-head signatures a head mixing keeps
+    (sorted entries, norms). Prints each attack's recovery rate and what it read."""
+    from veil.attacks.kv_inversion import attack_cache, layer0_values
+    from veil.model.opening import open_model
+
+    opened = open_model(model)
+    if opened.tokenizer is None:
+        ids = [int(t) for t in prompt.replace(",", " ").split()]
+    else:
+        ids = opened.tokenizer.chat(prompt) if chat else opened.tokenizer.encode(prompt)
+    v0, tokens = layer0_values(model, scheme, ids, max_new_tokens, **_scheme_options(set_))
+    t = Table("attack", "tokens recovered", "read back",
+              title=f"KV-cache inversion · {model} under {scheme} · {len(tokens)} cached tokens")
+    for r in attack_cache(opened.cfg, opened.weights, v0, tokens):
+        shown = (opened.tokenizer.decode(r.tokens) if opened.tokenizer is not None
+                 else " ".join(map(str, r.tokens)))
+        t.add_row(r.attack, f"{r.recovered:.1%}", shown[:120].replace("\n", " ⏎ "))
     out.print(t)
 
 

@@ -7,20 +7,7 @@ import torch
 
 import veil
 from conftest import FAMILIES
-from veil.attacks.kv_inversion import invert_values, recovery_rate
-from veil.backends.plain import KVCache, TorchOps
-from veil.model.forward import forward
-from veil.model.ops import Step
-
-
-def _plain_cache(m, ids: list[int]) -> KVCache:
-    """The KV cache a plain run of `ids` leaves behind (what a memory scraper reads)."""
-    ops = TorchOps(m.cfg, m.ops.w)
-    cache = KVCache(m.cfg, 1, len(ids))
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        forward(m.cfg, ops, x, Step(torch.arange(len(ids))[None], None, 0), cache)
-    return cache
+from veil.attacks.kv_inversion import invert_values, layer0_values, recovery_rate
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
@@ -29,8 +16,9 @@ def test_a_plain_cache_gives_the_conversation_back(preset):
         # repeats included: every occurrence is read off on its own
         ids = torch.randint(0, m.cfg.vocab_size, (40,),
                             generator=torch.Generator().manual_seed(1)).tolist() + [7, 7, 7]
-        cache = _plain_cache(m, ids)
-        got = invert_values(m.cfg, m.ops.w, cache.v[0, 0], list(range(len(ids))))
+        v0, tokens = layer0_values(preset, "plain", ids, 1)      # one token: no decode slot
+        assert tokens == ids
+        got = invert_values(m.cfg, m.ops.w, v0, list(range(len(ids))))
         assert recovery_rate(got, ids) >= 0.99
 
 
@@ -38,19 +26,10 @@ def test_a_plain_cache_gives_the_conversation_back(preset):
 def test_a_plain_cache_of_the_default_model_gives_the_conversation_back(default_model):
     ids = default_model.encode("My doctor said the biopsy results came back positive.",
                                chat=True)
-    cache = _plain_cache(default_model, ids)
-    got = invert_values(default_model.cfg, default_model.ops.w, cache.v[0, 0],
-                        list(range(len(ids))))
+    v0, _ = layer0_values("default", "plain", ids, 1)
+    got = invert_values(default_model.cfg, default_model.ops.w, v0, list(range(len(ids))))
     assert recovery_rate(got, ids) >= 0.99
     assert default_model.decode(got) == default_model.decode(ids)
-
-
-def _device_cache_run(model: str, scheme: str, ids: list[int], **options):
-    """Generate under a TEE scheme with the device recording; (layer-0 value cache as the device
-    holds it, the tokens in its slots)."""
-    with veil.load(model, scheme=scheme, record_view=True, **options) as m:
-        r = m.generate(ids, max_new_tokens=4, ignore_eos=True)
-        return m.device_view().resident["kv_cache.v"][0, 0], ids + r.token_ids[:-1]
 
 
 @pytest.mark.parametrize("scheme, options, kind", [
@@ -67,7 +46,7 @@ def test_head_block_mixing_falls_to_invariant_signatures(scheme, options, kind):
     plain = veil.load("tiny-llama")
     ids = torch.randint(0, plain.cfg.vocab_size, (30,),
                         generator=torch.Generator().manual_seed(3)).tolist()
-    v0, tokens = _device_cache_run("tiny-llama", scheme, ids, **options)
+    v0, tokens = layer0_values("tiny-llama", scheme, ids, 4, **options)
     positions = list(range(len(tokens)))
     assert recovery_rate(invert_values(plain.cfg, plain.ops.w, v0, positions), tokens) < 0.2
     got = invert_mixed_values(plain.cfg, plain.ops.w, v0, positions, kind)
@@ -81,7 +60,23 @@ def test_loro_cache_of_the_default_model_falls_to_head_norms(default_model):
     from veil.attacks.kv_inversion import invert_mixed_values
 
     ids = default_model.encode("My doctor said the biopsy results came back positive.", chat=True)
-    v0, tokens = _device_cache_run("default", "loro", ids)
+    v0, tokens = layer0_values("default", "loro", ids, 4)
     got = invert_mixed_values(default_model.cfg, default_model.ops.w, v0,
                               list(range(len(tokens))), "norms")
     assert recovery_rate(got, tokens) >= 0.99
+
+
+def test_the_cli_reports_each_attack_and_refuses_schemes_without_a_device_cache():
+    from typer.testing import CliRunner
+
+    from veil.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["attack", "kv-inversion", "1 2 3 4 5 6 7 8", "--model", "tiny-gpt2",
+                              "--scheme", "tlg", "-n", "2"])
+    assert res.exit_code == 0, res.output
+    assert "sorted" in res.output and "100.0%" in res.output
+    for scheme, why in (("shielded", "no untrusted device"), ("soter", "stays in the enclave")):
+        res = runner.invoke(app, ["attack", "kv-inversion", "1 2 3", "--model", "tiny-gpt2",
+                                  "--scheme", scheme, "-n", "2"])
+        assert res.exit_code == 2 and why in res.output

@@ -16,10 +16,18 @@ request's length is visible to the device).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Any
+
 import torch
 
+import veil
+from veil import schemes
 from veil.backends.plain import TorchOps
+from veil.errors import UnsupportedError
 from veil.model.config import ModelConfig
+from veil.model.forward import forward
+from veil.model.ops import Step
 from veil.model.weights import Weights
 
 _CHUNK = 4096        # vocabulary rows per product: bounds memory on a 49 152-token vocabulary
@@ -110,3 +118,46 @@ def recovery_rate(predicted: list[int], truth: list[int]) -> float:
     """The share of positions whose token was recovered exactly."""
     assert len(predicted) == len(truth) and truth
     return sum(int(a == b) for a, b in zip(predicted, truth)) / len(truth)
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    """One attack on one cache: the share of slots read back exactly, and what was read."""
+
+    attack: str
+    recovered: float
+    tokens: list[int]
+
+
+def layer0_values(model: str, scheme: str, ids: list[int], max_new_tokens: int,
+                  **options: Any) -> tuple[torch.Tensor, list[int]]:
+    """Generate under `scheme` and return layer 0's value cache as the untrusted side holds it
+    (n_kv_heads, S, head_dim) and the true tokens in its slots. Under `plain` the untrusted side
+    is the host, and its cache is the plain one."""
+    if scheme == "plain":
+        with veil.load(model) as m:
+            tokens = ids + m.generate(ids, max_new_tokens=max_new_tokens,
+                                      ignore_eos=True).token_ids[:-1]
+            cache = m.ops.new_cache(1, len(tokens))
+            with torch.inference_mode():
+                forward(m.cfg, m.ops, torch.tensor([tokens]),
+                        Step(torch.arange(len(tokens))[None], None, 0), cache)
+            return cache.v[0, 0], tokens
+    if "record_view" not in {f.name for f in fields(schemes.get(scheme).options)}:
+        raise UnsupportedError(f"scheme {scheme!r} has no untrusted device holding a KV cache")
+    with veil.load(model, scheme=scheme, record_view=True, **options) as m:
+        r = m.generate(ids, max_new_tokens=max_new_tokens, ignore_eos=True)
+        resident = m.device_view().resident
+        if "kv_cache.v" not in resident:
+            raise UnsupportedError(f"under {scheme!r} the KV cache stays in the enclave")
+        return resident["kv_cache.v"][0, 0], ids + r.token_ids[:-1]
+
+
+def attack_cache(cfg: ModelConfig, weights: Weights, cache_v0: torch.Tensor,
+                 tokens: list[int]) -> list[InversionResult]:
+    """Every attack on one cache (positions: slot i holds position i, an unpadded request)."""
+    positions = list(range(len(tokens)))
+    out = [InversionResult("nearest", 0.0, invert_values(cfg, weights, cache_v0, positions))]
+    out += [InversionResult(kind, 0.0, invert_mixed_values(cfg, weights, cache_v0, positions, kind))
+            for kind in ("sorted", "norms")]
+    return [InversionResult(r.attack, recovery_rate(r.tokens, tokens), r.tokens) for r in out]
