@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,27 @@ def default_model(default_folder):
     import veil
 
     return veil.load("default")
+
+
+@contextmanager
+def port_taken_on_first_pick(rank: int):
+    """A port picker for the MPC launchers whose first pick hands rank `rank` (−1: the last) a
+    port another socket is listening on — taken between picking and binding; later picks are
+    fresh. Yields (pick, picks): the picker and the sizes it was asked for."""
+    from veil.mpc.cluster import free_ports
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken, picks = squatter.getsockname()[1], []
+
+        def pick(n: int) -> list[int]:
+            picks.append(n)
+            ports = free_ports(n)
+            if len(picks) == 1:
+                ports[rank] = taken
+            return ports
+        yield pick, picks
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,12 +3,12 @@
 Threat model: the attacker sees outputs derived from secret draws (masked weights, padded
 activations, permuted heads, Freivalds checks) and wants the draws themselves. A seeded PRNG —
 torch's or numpy's Mersenne Twister, numpy's PCG64 — is the wrong tool:
-  - its seed caps security: torch takes 63 bits, so a LoRO factor bank drawn from
-    `manual_seed(secrets.randbits(63))` is at most 63 bits hard, whatever its size;
+  - its seed caps security: a torch generator takes a 63-bit seed, so a LoRO factor bank drawn
+    from one seeded with random bits is at most 63 bits hard, whatever its size;
   - Mersenne Twister is not cryptographic: 624 consecutive 32-bit outputs give away its whole state
     (it is linear over GF(2)), so whoever recovers a few of the draws predicts the rest;
-  - global generators (`torch.manual_seed`, `np.random`) are process state any library or caller
-    may reset to a known value.
+  - the module-level generators of torch and numpy are process state that any library or
+    caller may reset to a known value.
 So secrets come from AES-256 in counter mode under a 256-bit key from the OS CSPRNG: a PRF whose
 outputs reveal nothing about each other or the key.
 

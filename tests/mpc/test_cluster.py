@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import veil
+from conftest import port_taken_on_first_pick
 from veil.errors import ConfigError, ProtocolAbort
 from veil.mpc.cluster import (Cluster, _party_command, describe_exit, free_ports,
                               generate_local, local_cluster, log_tail, run_local, wait_parties)
@@ -195,15 +195,7 @@ def test_a_party_killed_mid_run_is_named_with_its_log(tmp_path):
 def test_a_port_taken_before_the_party_binds_it_is_retried():
     """Another process listens on the owner's port between picking and binding: the owner
     cannot bind (brpc: "Fail to listen …"), and the whole start is repeated on fresh ports."""
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        taken, picks = squatter.getsockname()[1], []
-
-        def pick(n):
-            picks.append(n)
-            fresh = free_ports(n)
-            return [taken] + fresh[1:] if len(picks) == 1 else fresh
+    with port_taken_on_first_pick(0) as (pick, picks):
         plain = veil.load("tiny-llama").generate(PROMPT, max_new_tokens=3,
                                                  ignore_eos=True).token_ids
         tokens, _ = generate_local("tiny-llama", PROMPT, 3, MpcConfig(), timeout_s=20,

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import asdict, replace
 
 import pytest
 
+from conftest import port_taken_on_first_pick
 from veil.bench.mpc import (PartySpec, compose, compose_fused, markdown, markdown_fused, measure,
                             model_for)
 from veil.errors import ConfigError
-from veil.mpc.cluster import free_ports
 from veil.mpc.eager import CATEGORIES
 
 
@@ -179,15 +178,7 @@ def test_fused_logits_to_the_client():
 def test_the_bench_starts_again_when_a_port_is_taken():
     """The bench's launcher shares the supervision of generate_local: the client's port taken
     between picking and binding makes both parties start again on fresh ports."""
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        taken, picks = squatter.getsockname()[1], []
-
-        def pick(n):
-            picks.append(n)
-            fresh = free_ports(n)
-            return fresh[:-1] + [taken] if len(picks) == 1 else fresh
+    with port_taken_on_first_pick(-1) as (pick, picks):
         parties = measure("vanilla", MSL, 1, timeout_s=300, base="tiny-gpt2", fused=True,
                           pick_ports=pick)
     assert picks == [2, 2] and {"prompt", "decode0"} <= set(parties[1]["phases"])
