@@ -32,7 +32,8 @@ def test_plain_vs_hf_smoke(tmp_path):
 def test_tee_smoke(tmp_path):
     paths = run_suite("tee", model="tiny-llama", repeats=1, new_tokens=4, out_dir=tmp_path)
     rows = {r["scheme"]: r for r in json.loads(paths[0].read_text())["rows"]}
-    assert set(rows) == {"plain", "shielded", "loro", "loro-paper", "tlg", "soter", "nnsplitter", "shadownet"}
+    assert set(rows) == {"plain", "shielded", "loro", "loro-paper", "tlg", "soter", "nnsplitter", "shadownet",
+                         "kvshield", "kvshield-paper"}
     assert all(r["same_tokens_as_plain"] and r["median"] > 0 for r in rows.values())
     assert rows["plain"]["enclave_flop_share"] == 0 and rows["shielded"]["enclave_flop_share"] == 1
     loro = rows["loro"]

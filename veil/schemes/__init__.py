@@ -6,13 +6,14 @@ from __future__ import annotations
 from veil.errors import UnsupportedError
 from veil.schemes.base import Scheme
 from veil.schemes.baselines import BASELINES
+from veil.schemes.kvshield import KVSHIELD
 from veil.schemes.loro import LORO
 from veil.schemes.mpc import MERGE, MPC
 from veil.schemes.plain import PLAIN
 from veil.schemes.shielded import SHIELDED
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
-    PLAIN, SHIELDED, LORO, *BASELINES, MPC, MERGE,
+    PLAIN, SHIELDED, LORO, *BASELINES, KVSHIELD, MPC, MERGE,
 )}
 
 

@@ -13,8 +13,10 @@ Ops (request → reply):
            (capacity rows each; LoRO's sealed pad products, veil/tee/pads.py)   → ok
   rows     args.name, ids (N,)         → rows of a stored table (embedding lookups)
   cache    args.layers/batch/capacity/kv_heads/head_dim → a fresh KV cache (resident)
-  attention args.layer/start/n_heads/head_dim, q (B,T,nh·hd), k, v (B,T,nkv·hd)[, key_valid (B,S)]
-                                       → softmax(q kᵀ/√hd) v (B,T,nh·hd), with k, v appended to the cache
+  attention args.layer/start/n_heads/head_dim[/scale], q (B,T,nh·hd), k, v (B,T,nkv·hd)[, key_valid (B,S)]
+                                       → softmax(q kᵀ·scale) v (B,T,nh·hd), with k, v appended to the
+                                       cache (scale: 1/√hd by default; padded head vectors are
+                                       longer than the ones whose scores they carry)
   view     → every resident tensor and, if recording, every received tensor
   stats    → the device's FLOPs, busy seconds, resident weight bytes and opaque store bytes
 """
@@ -159,7 +161,7 @@ class DeviceState:
         out = F.scaled_dot_product_attention(
             q.view(B, T, nh, hd).transpose(1, 2), self.cache_k[layer, :, :, :end],
             self.cache_v[layer, :, :, :end], attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=nkv != nh)
+            enable_gqa=nkv != nh, scale=a.get("scale"))
         self.flops += 4 * B * T * nh * hd * end
         return Message("attention", {}, [out.transpose(1, 2).reshape(B, T, nh * hd)])
 

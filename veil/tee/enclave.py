@@ -6,29 +6,30 @@ device through a `Channel`, concealed by the scheme's `LinearProtocol`, and come
 revealed. While the device multiplies, the enclave computes its own share of the work (LoRO's
 low-rank correction): requests are sent first, the scheme's `precompute` runs, then replies are read.
 
-Attention runs on the device under secret head-block transforms (`HeadMixing`): per layer a
-permutation of the KV heads and of the query heads inside each group, and inside each group an
-orthogonal matrix for Q/K and another for V. Q·Kᵀ per head is unchanged, so the device's softmax
-is exact; the enclave applies RoPE *before* the transform (neither a permutation nor a rotation
-commutes with RoPE's frequency pairs, and RoPE done on the device would reveal the pairing), and
-undoes the V transform on the output.
+Attention runs on the device under secret head-block transforms (veil/tee/mixing.py): Q·Kᵀ per
+head is unchanged, so the device's softmax is exact; the enclave applies RoPE before the transform
+and undoes the V transform on the output. A scheme may redraw the transforms at every new KV cache
+(`redraw`: one conversation's cache then shares nothing secret with the next one's), or have them
+folded into the device's Q/K/V weights (`qkv_folded`: the device's projections already send
+transformed rows, so the enclave only undoes V's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+import math
+import time
+from typing import Any, Callable, Protocol
 
 import torch
 
 from veil.backends.plain import TorchOps
 from veil.cost import SplitCost
-from veil.csprng import SecretRng
 from veil.errors import ProtocolAbort
 from veil.model.config import ModelConfig
 from veil.model.ops import Step
 from veil.tee.channel import Channel
 from veil.tee.integrity import Freivalds
+from veil.tee.mixing import HeadMixing
 from veil.tee.pads import PadCost
 from veil.tee.wire import Message
 
@@ -72,127 +73,6 @@ class LinearProtocol(Protocol):
         """Rows of an obfuscated table (embeddings) → the true rows."""
 
 
-def _orthogonal(n: int, kind: str, rng: SecretRng) -> torch.Tensor:
-    """A secret n×n orthogonal matrix: Haar-random (`rotate`) or a uniform permutation (`permute`).
-
-    QR of a Gaussian matrix alone is not Haar (its Q depends on LAPACK's sign convention for R);
-    scaling Q's columns by sign(diag R) makes R's diagonal positive, and then Q is Haar."""
-    if kind == "permute":
-        return torch.eye(n)[rng.perm(n)]
-    q, r = torch.linalg.qr(rng.randn(n, n, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
-
-
-@dataclass(frozen=True)
-class HeadMixing:
-    """One layer's secret transform of attention inputs, exact for the device's softmax(QKᵀ)V.
-
-    Device head slot i holds true query head `q_heads[i]` (KV head `k_heads[j]` for slot j): the
-    KV heads are permuted, and the query heads with them (GQA groups stay together) and within
-    their group. Inside a group g, Q and K are multiplied by one orthogonal R_g (Q R_g (K R_g)ᵀ =
-    QKᵀ) and V by another, S_g, which the enclave removes from the output (· S_gᵀ).
-    `permute` uses permutation matrices for R_g, S_g (KV-Shield's RPM, LoRO's head-block
-    permutations); `rotate` uses Haar-random rotations, which also mix feature values.
-    """
-
-    q_heads: torch.Tensor    # (nh,)  true query head in each device slot
-    k_heads: torch.Tensor    # (nkv,) true KV head in each device slot
-    r: torch.Tensor          # (nkv, hd, hd)  R of the group in each KV slot j (for Q and K)
-    s: torch.Tensor          # (nkv, hd, hd)  S of the group in each KV slot j (for V)
-
-    def __post_init__(self) -> None:
-        # derived, not sealed: the inverse query permutation, and S per slot transposed (= S⁻¹)
-        object.__setattr__(self, "_q_inv", torch.argsort(self.q_heads))
-        object.__setattr__(self, "_s_t", self.s.transpose(-1, -2))
-        # permutation matrices are gathers on real hardware: data movement, no FLOPs counted
-        object.__setattr__(self, "rotates", bool(((self.r != 0) & (self.r != 1)).any()))
-
-    @staticmethod
-    def sample(cfg: ModelConfig, kind: str = "rotate", calib: dict[str, torch.Tensor] | None = None,
-               tol: float = 0.05, rng: SecretRng | None = None) -> "HeadMixing":
-        """Draw a layer's transform from `rng` (a fresh `SecretRng` when None).
-
-        calib: true q, k, v rows (N, features) of this layer on calibration input. A random
-        orthogonal matrix aligns by chance with the data's dominant directions (|cos| between a
-        64-dim head and its transform has a spread of ~0.1); with calibration, each R_g and S_g
-        is redrawn until that alignment is below `tol`, so the device's copy is decorrelated
-        from the true tensors, not just scrambled. The constraint is one scalar per matrix."""
-        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        G = nh // nkv
-        rng = SecretRng() if rng is None else rng
-        sigma = rng.perm(nkv)                         # slot j ← true KV head sigma[j]
-        q_heads = torch.cat([sigma[j] * G + rng.perm(G) for j in range(nkv)])
-
-        def cross(x: torch.Tensor, n_heads: int, slots: torch.Tensor) -> list[torch.Tensor]:
-            """Per true head g: Σ over slots holding g of (slot's true rows)ᵀ(g's rows), normalised."""
-            h = x.double().reshape(-1, n_heads, hd)
-            out = [torch.zeros(hd, hd, dtype=torch.float64) for _ in range(nkv)]
-            for slot, src in enumerate(slots.tolist()):
-                c = h[:, slot].t() @ h[:, src]
-                out[src // (n_heads // nkv)] += c / (h[:, slot].norm() * h[:, src].norm() + 1e-30)
-            return out
-
-        def draw(constraints: list[torch.Tensor]) -> torch.Tensor:
-            best, best_score = None, float("inf")
-            for _ in range(200):
-                m = _orthogonal(hd, kind, rng)
-                score = max((float((c * m.double().t()).sum().abs()) for c in constraints), default=0.0)
-                if score < best_score:
-                    best, best_score = m, score
-                if score < tol:
-                    break
-            assert best is not None
-            return best
-
-        if calib is not None:
-            ck, cq, cv = (cross(calib["k"], nkv, sigma), cross(calib["q"], nh, q_heads),
-                          cross(calib["v"], nkv, sigma))
-            R = [draw([ck[g], cq[g]]) for g in range(nkv)]
-            S = [draw([cv[g]]) for g in range(nkv)]
-        else:
-            R = [_orthogonal(hd, kind, rng) for _ in range(nkv)]
-            S = [_orthogonal(hd, kind, rng) for _ in range(nkv)]
-        # stored in slot order: slot j holds true KV group sigma[j]
-        return HeadMixing(q_heads, sigma, torch.stack([R[g] for g in sigma.tolist()]),
-                          torch.stack([S[g] for g in sigma.tolist()]))
-
-    # Device slots come in groups: slots j·G … j·G+G−1 all hold query heads of the true KV group in
-    # KV slot j (see `sample`), so each slot's matrix applies to a (…, G, hd) block by
-    # broadcasting — no per-query-slot copies of the matrices.
-    def conceal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hd: int):
-        B, T, _ = q.shape
-        nkv = len(self.k_heads)
-        qd = q.view(B, T, -1, hd)[:, :, self.q_heads].view(B, T, nkv, -1, hd) @ self.r
-        kd = k.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ self.r
-        vd = v.view(B, T, nkv, hd)[:, :, self.k_heads, None] @ self.s
-        return qd.view(B, T, -1), kd.view(B, T, -1), vd.view(B, T, -1)
-
-    def reveal(self, out: torch.Tensor, hd: int) -> torch.Tensor:
-        B, T, _ = out.shape
-        nkv = len(self.k_heads)
-        oh = (out.view(B, T, nkv, -1, hd) @ self._s_t).view(B, T, -1, hd)    # · S⁻¹ per slot
-        return oh[:, :, self._q_inv].view(B, T, -1)                         # back to true order
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.q_heads, self.k_heads, self.r, self.s))
-
-    def wipe(self) -> None:
-        for t in (self.q_heads, self.k_heads, self.r, self.s, self._q_inv, self._s_t):
-            t.zero_()
-
-
-_MIXING_FIELDS = ("q_heads", "k_heads", "r", "s")
-
-
-def seal_mixings(perms: list[HeadMixing]) -> dict[str, torch.Tensor]:
-    """Per-layer head mixings as named tensors for a sealed file ("mix.<layer>.<field>")."""
-    return {f"mix.{i}.{f}": getattr(p, f) for i, p in enumerate(perms) for f in _MIXING_FIELDS}
-
-
-def unseal_mixings(t: dict[str, torch.Tensor], layers: int) -> list[HeadMixing]:
-    return [HeadMixing(*(t[f"mix.{i}.{f}"] for f in _MIXING_FIELDS)) for i in range(layers)]
-
-
 class EnclaveOps(TorchOps):
     """Ops for the enclave: local elementwise work, device calls for linears and attention."""
 
@@ -209,6 +89,12 @@ class EnclaveOps(TorchOps):
         self.name = scheme
         self.verifier = verifier
         self.mixing_flops = 0       # head-mixing matmuls (enclave, on the critical path)
+        self.mixing_pad_bytes = 0   # padded mixings: keystream drawn for the pads (finished caches)
+        # a fresh draw of every layer's mixing for each new cache (None: the sealed ones, always)
+        self.redraw: Callable[[], list[HeadMixing]] | None = None
+        self.redraws = 0
+        self.redraw_s = 0.0         # enclave time spent drawing them (offline: before the prompt)
+        self.qkv_folded = False     # the device's q/k/v weights carry the transform already
 
     def cost_counters(self) -> SplitCost:
         """Running totals of this enclave's traffic and work, and the device's as it reports
@@ -221,7 +107,8 @@ class EnclaveOps(TorchOps):
             round_trips=st.round_trips, enclave_wait_s=st.wait_s,
             enclave_flops=self.protocol.enclave_flops + self.mixing_flops,
             enclave_overlap_flops=self.protocol.overlap_flops,
-            enclave_crypto_bytes=pads.crypto_bytes,
+            enclave_crypto_bytes=pads.crypto_bytes + self.mixing_pad_bytes
+            + sum(p.pad_bytes[0] for p in self.perms),
             device_flops=int(dev.get("flops", 0)), device_busy_s=float(dev.get("busy_s", 0)),
             device_weight_bytes=int(dev.get("resident_bytes", 0)),
             device_store_bytes=int(dev.get("store_bytes", 0)),
@@ -238,8 +125,18 @@ class EnclaveOps(TorchOps):
 
     def new_cache(self, batch: int, capacity: int) -> None:
         c = self.cfg
+        if self.redraw is not None:
+            t0 = time.perf_counter()
+            fresh = self.redraw()
+            self.redraw_s += time.perf_counter() - t0
+            self.redraws += 1
+            for p in self.perms:
+                self.mixing_pad_bytes += p.pad_bytes[0]
+                p.wipe()
+            self.perms = fresh
+        width = self.perms[0].width(c.head_dim) if self.perms else 0
         self.channel.call("cache", layers=c.n_layers, batch=batch, capacity=capacity,
-                          kv_heads=c.n_kv_heads, head_dim=c.head_dim)
+                          kv_heads=c.n_kv_heads, head_dim=c.head_dim + width)
         self.protocol.prepare(batch * capacity)
         return None
 
@@ -283,15 +180,22 @@ class EnclaveOps(TorchOps):
                   step: Step, cache: Any) -> torch.Tensor:
         c = self.cfg
         hd = c.head_dim
-        # Q, K, V in and the output back, one hd×hd product per head and token
-        if self.perms[layer].rotates:
-            self.mixing_flops += 2 * q.shape[0] * q.shape[1] * (2 * c.n_heads + 2 * c.n_kv_heads) * hd * hd
-        tensors = list(self.perms[layer].conceal(q, k, v, hd))
+        mix = self.perms[layer]
+        D = hd + mix.width(hd)
+        if self.qkv_folded:       # the device's projections applied R and S: nothing to conceal
+            tensors = [q, k, v]
+        else:
+            # Q, K, V in, one D×D product per head and token
+            if mix.rotates:
+                self.mixing_flops += 2 * q.shape[0] * q.shape[1] * (c.n_heads + 2 * c.n_kv_heads) * D * D
+            tensors = list(mix.conceal(q, k, v, hd))
+        if mix.rotates:           # and the output back
+            self.mixing_flops += 2 * q.shape[0] * q.shape[1] * c.n_heads * D * D
         if step.key_valid is not None:
             tensors.append(step.key_valid)
         out = self.channel.call("attention", tensors, layer=layer, start=step.start,
-                                n_heads=self.cfg.n_heads, head_dim=self.cfg.head_dim).tensors[0]
-        return self.perms[layer].reveal(out, hd)                          # (B, T, nh*hd)
+                                n_heads=c.n_heads, head_dim=D, scale=1 / math.sqrt(hd)).tensors[0]
+        return mix.reveal(out, hd)                                        # (B, T, nh*hd)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         name = "embed" if self.cfg.tie_embeddings else "lm_head"

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from veil.tee.device import DeviceState, View
 from veil.tee.process import DeviceHandle, SafetensorsReader
-from veil.tee.enclave import EnclaveOps, HeadMixing
+from veil.tee.enclave import EnclaveOps
+from veil.tee.mixing import HeadMixing
 from veil.tee.integrity import Freivalds
 from veil.tee.pads import PadPool
 from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, input_groups,

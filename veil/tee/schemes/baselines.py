@@ -28,7 +28,7 @@ from veil.csprng import SecretRng
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.enclave import HeadMixing, seal_mixings, unseal_mixings
+from veil.tee.mixing import HeadMixing, seal_mixings, unseal_mixings
 from veil.tee.pads import PadCost
 from veil.tee.process import DeviceHandle
 from veil.tee.runtime import TeeModelOps

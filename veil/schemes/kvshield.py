@@ -1,0 +1,98 @@
+"""`kvshield`: KV-Shield (MobiArch'24) — the conversation in the untrusted device's KV cache kept
+under secret per-conversation transforms, the enclave undoing them. Protocol, the paper's gaps
+and what it does not hide: veil/tee/schemes/kvshield.py; the attacks: veil/attacks/kv_inversion.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from veil.backends.plain import TorchOps
+from veil.errors import ConfigError
+from veil.model.config import ModelConfig
+from veil.model.opening import OpenedModel
+from veil.schemes.base import Placement, Protected, Scheme, Tolerance
+from veil.schemes.tee import DeviceOptions, TeeSession, start_session
+from veil.tee.artifact import Opened
+from veil.tee.schemes.kvshield import KvShieldSecrets, protect_kvshield, run_kvshield
+
+
+@dataclass(frozen=True)
+class KvShieldOptions(DeviceOptions):
+    """mixing: the head-block transform (permute: the paper's RPM; rotate; padded: each head
+    vector extended by `pad_width` secret dimensions — noise in K and V — before a rotation);
+    pad_width: the added dimensions (default: the head dimension); fold: the transform folded
+    into the device's W_q/W_k/W_v as in the paper (permute or rotate; RoPE models then get the
+    RoPE-commuting family). All are drawn anew per conversation, so an artifact takes them at
+    load time."""
+
+    mixing: Literal["permute", "rotate", "padded"] = "padded"
+    pad_width: int | None = None
+    fold: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fold and self.mixing == "padded":
+            raise ConfigError("kvshield: fold=true takes mixing 'permute' or 'rotate' (a "
+                              "per-token pad cannot be folded into weights)")
+        if self.pad_width is not None and self.mixing != "padded":
+            raise ConfigError(f"kvshield: option 'pad_width' needs mixing='padded', "
+                              f"not {self.mixing!r}")
+        if self.pad_width is not None and self.pad_width < 1:
+            raise ConfigError(f"kvshield: option 'pad_width' must be ≥ 1, got {self.pad_width}")
+
+    def width(self, cfg: ModelConfig) -> int:
+        if self.mixing != "padded":
+            return 0
+        return self.pad_width if self.pad_width is not None else cfg.head_dim
+
+
+def _open(opened: OpenedModel, o: KvShieldOptions) -> TeeSession:
+    mode = o.mode("thread", "kvshield")
+    secrets_, device_weights = protect_kvshield(opened.cfg, opened.weights)
+    return start_session(
+        "kvshield", opened.cfg, o, mode, device_weights, secrets_,
+        lambda device, weight_of: run_kvshield(opened.cfg, secrets_, o.mixing, o.width(opened.cfg),
+                                               o.fold, device, weight_of), owned=False)
+
+
+def _protect(opened: OpenedModel, o: KvShieldOptions) -> Protected:
+    secrets_, device_weights = protect_kvshield(opened.cfg, opened.weights)
+    return Protected(secrets_, device_weights)
+
+
+def _open_protected(art: Opened, o: KvShieldOptions) -> TeeSession:
+    mode = o.mode("process", "kvshield")
+    secrets_ = KvShieldSecrets.from_sealed(art.tensors, art.meta)
+    return start_session(
+        "kvshield", art.cfg, o, mode, art.device_weights, secrets_,
+        lambda device, _: run_kvshield(art.cfg, secrets_, o.mixing, o.width(art.cfg), o.fold,
+                                       device, art.weight_of), owned=True)
+
+
+SUPPORT = {**TorchOps.support, "attention": frozenset({"softmax"}),
+           "generation": frozenset({"standard"})}
+
+KVSHIELD = Scheme(
+    name="kvshield", system="KV-Shield (MobiArch'24)", protects="the conversation (KV cache)",
+    trusted="the TEE",
+    sees="public weights; every layer's input in the clear; Q/K/V and the KV cache under "
+         "per-conversation head-block transforms",
+    kind="tee", status="**implemented**", options=KvShieldOptions,
+    artifact_options=KvShieldOptions, support=SUPPORT,
+    tolerance=Tolerance(tiny=1e-4, default=1e-3),
+    open=_open, protect=_protect, open_protected=_open_protected,
+    placement=(
+        Placement("embedding lookup, norms, activations, residual adds, RoPE", "enclave", "—",
+                  "—"),
+        Placement("q/k/v, o, gate/up, down, LM head", "device", "x in the clear",
+                  "the public weights (fold: W_q/W_k/W_v with the transform folded in)",
+                  "the conversation: layer 0's inputs are the tokens' normed embeddings "
+                  "(veil/attacks/kv_inversion.py reads them back by nearest neighbour)",
+                  holds=("layers.*.weight", "embed.weight", "lm_head.weight"),
+                  receives=("linear:*",)),
+        Placement("attention", "device", "Q, K, V under per-conversation head-block transforms",
+                  "the KV cache under the same transforms",
+                  "depends on the mixing: see docs/kvshield.md for each attack's recovery rate",
+                  holds=("kv_cache.*",), receives=("attention:*",)),
+    ))
