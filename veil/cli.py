@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from veil.errors import VeilError
+from veil.errors import UnsupportedError, VeilError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="veil: open LLMs run privately on hardware or parties you do not trust.")
@@ -243,24 +243,37 @@ def attack_kv_inversion(prompt: str = typer.Argument("My doctor said the biopsy 
                         scheme: str = typer.Option("plain", "--scheme", "-s"),
                         max_new_tokens: int = typer.Option(8, "--max-new-tokens", "-n"),
                         chat: bool = typer.Option(True, help="wrap in the chat template"),
+                        view: str = typer.Option("snapshot", help="snapshot (resident memory) or "
+                                                 "device (also everything it received)"),
+                        known: int = typer.Option(8, help="leading tokens the attacker knows "
+                                                  "(a chat template's fixed prefix)"),
                         set_: list[str] = typer.Option([], "--set", help=_SET_HELP)) -> None:
-    """Read the conversation back from layer 0 of the KV cache the untrusted side holds, with
-    the public model only: nearest neighbour, and per-head signatures a head mixing keeps
-    (sorted entries, norms). Prints each attack's recovery rate and what it read."""
-    from veil.attacks.kv_inversion import attack_cache, layer0_values
+    """Read the conversation back from what the untrusted side holds (layer 0 of its KV cache,
+    its weights) or received, with the public model only: every attack of
+    veil/attacks/kv_inversion.py that applies, its recovery rate (after the known prefix) and
+    what it read."""
+    from veil.attacks.kv_inversion import DEVICE, SNAPSHOT, Vocabulary, attack_view, record
     from veil.model.opening import open_model
 
+    if view not in (SNAPSHOT, DEVICE):
+        raise typer.BadParameter(f"--view is {SNAPSHOT} or {DEVICE}, not {view!r}")
     opened = open_model(model)
     if opened.tokenizer is None:
         ids = [int(t) for t in prompt.replace(",", " ").split()]
     else:
         ids = opened.tokenizer.chat(prompt) if chat else opened.tokenizer.encode(prompt)
-    v0, tokens = layer0_values(model, scheme, ids, max_new_tokens, **_scheme_options(set_))
+    seen, tokens = record(model, scheme, ids, max_new_tokens, **_scheme_options(set_))
     t = Table("attack", "tokens recovered", "read back",
-              title=f"KV-cache inversion · {model} under {scheme} · {len(tokens)} cached tokens")
-    for r in attack_cache(opened.cfg, opened.weights, v0, tokens):
-        shown = (opened.tokenizer.decode(r.tokens) if opened.tokenizer is not None
-                 else " ".join(map(str, r.tokens)))
+              title=f"KV-cache inversion · {model} under {scheme} · {view} view · "
+                    f"{len(tokens)} cached tokens, first {min(known, len(tokens))} known")
+    results = attack_view(Vocabulary(opened.cfg, opened.weights), seen, tokens, view, known)
+    if not results:
+        raise UnsupportedError(f"under {scheme!r} the KV cache stays in the enclave: the {view} "
+                               "view holds nothing these attacks read"
+                               + (" (try --view device)" if view == SNAPSHOT else ""))
+    for r in results:
+        shown = (opened.tokenizer.decode([max(i, 0) for i in r.tokens])
+                 if opened.tokenizer is not None else " ".join(map(str, r.tokens)))
         t.add_row(r.attack, f"{r.recovered:.1%}", shown[:120].replace("\n", " ⏎ "))
     out.print(t)
 

@@ -1,4 +1,5 @@
-"""KV-cache inversion against a cache kept in the clear: the conversation comes back exactly."""
+"""KV-cache inversion: every attack against the view it reads, with measured rates — the plain
+cache, LoRO's/TLG's head mixings and KV-Shield's modes that fall, and the mode that resists."""
 
 from __future__ import annotations
 
@@ -7,63 +8,93 @@ import torch
 
 import veil
 from conftest import FAMILIES
-from veil.attacks.kv_inversion import invert_values, layer0_values, recovery_rate
+from veil.attacks.kv_inversion import (DEVICE, SNAPSHOT, Vocabulary, attack_view, invert_values,
+                                       record, recovery_rate)
+
+
+def _rates(model: str, scheme: str, ids: list[int], which: str = SNAPSHOT, known: int = 0,
+           n: int = 4, **options) -> dict[str, float]:
+    with veil.load(model) as m:
+        vocab = Vocabulary(m.cfg, m.ops.w)
+    seen, tokens = record(model, scheme, ids, n, **options)
+    return {r.attack: r.recovered for r in attack_view(vocab, seen, tokens, which, known)}
+
+
+def _ids(model: str, n: int, seed: int) -> list[int]:
+    with veil.load(model) as m:
+        return torch.randint(0, m.cfg.vocab_size, (n,),
+                             generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_a_plain_cache_gives_the_conversation_back(preset):
+    ids = _ids(preset, 40, 1) + [7, 7, 7]       # repeats: every occurrence is read off on its own
     with veil.load(preset) as m:
-        # repeats included: every occurrence is read off on its own
-        ids = torch.randint(0, m.cfg.vocab_size, (40,),
-                            generator=torch.Generator().manual_seed(1)).tolist() + [7, 7, 7]
-        v0, tokens = layer0_values(preset, "plain", ids, 1)      # one token: no decode slot
+        seen, tokens = record(preset, "plain", ids, 1)                # one token: no decode slot
         assert tokens == ids
-        got = invert_values(m.cfg, m.ops.w, v0, list(range(len(ids))))
+        got = invert_values(Vocabulary(m.cfg, m.ops.w), seen.resident["kv_cache.v"][0, 0],
+                            list(range(len(ids))))
         assert recovery_rate(got, ids) >= 0.99
 
 
 @pytest.mark.default_model
 def test_a_plain_cache_of_the_default_model_gives_the_conversation_back(default_model):
-    ids = default_model.encode("My doctor said the biopsy results came back positive.",
-                               chat=True)
-    v0, _ = layer0_values("default", "plain", ids, 1)
-    got = invert_values(default_model.cfg, default_model.ops.w, v0, list(range(len(ids))))
-    assert recovery_rate(got, ids) >= 0.99
-    assert default_model.decode(got) == default_model.decode(ids)
+    ids = default_model.encode("My doctor said the biopsy results came back positive.", chat=True)
+    assert _rates("default", "plain", ids, n=1)["nearest"] >= 0.99
 
 
-@pytest.mark.parametrize("scheme, options, kind", [
-    ("loro", {}, "norms"),                              # Haar rotations keep each head's norm
+# (scheme, options, the attack that breaks it): every mode an attack in the repo breaks, broken
+BROKEN = [
+    ("loro", {}, "norms"),                                   # Haar rotations keep each head's norm
     ("loro", {"attention_mixing": "permute"}, "sorted"),
     ("tlg", {}, "sorted"),
-])
-def test_head_block_mixing_falls_to_invariant_signatures(scheme, options, kind):
-    """The device's cache under LoRO's and TLG's head mixings: the plain attack reads nothing,
-    per-head signatures the mixing cannot change (sorted entries under permutations, norms under
-    rotations) read every token back."""
-    from veil.attacks.kv_inversion import invert_mixed_values
+    ("kvshield", {"mixing": "permute"}, "sorted"),           # the paper's RPM
+    ("kvshield", {"mixing": "rotate"}, "norms"),
+    ("kvshield", {"mixing": "permute", "fold": True}, "folded"),
+    ("kvshield", {"mixing": "rotate", "fold": True}, "folded"),
+]
 
-    plain = veil.load("tiny-llama")
-    ids = torch.randint(0, plain.cfg.vocab_size, (30,),
-                        generator=torch.Generator().manual_seed(3)).tolist()
-    v0, tokens = layer0_values("tiny-llama", scheme, ids, 4, **options)
-    positions = list(range(len(tokens)))
-    assert recovery_rate(invert_values(plain.cfg, plain.ops.w, v0, positions), tokens) < 0.2
-    got = invert_mixed_values(plain.cfg, plain.ops.w, v0, positions, kind)
-    assert recovery_rate(got, tokens) >= 0.99
+
+@pytest.mark.parametrize("scheme, options, attack", BROKEN,
+                         ids=[f"{s}-{a}-{'-'.join(map(str, o.values()))}" for s, o, a in BROKEN])
+def test_transformed_caches_that_fall(scheme, options, attack):
+    """The plain attack reads (almost) nothing from the device's cache; the named attack reads
+    every token back from a snapshot."""
+    rates = _rates("tiny-llama", scheme, _ids("tiny-llama", 30, 3), **options)
+    assert rates["nearest"] < 0.2
+    assert rates[attack] >= 0.99
+
+
+def test_padded_kvshield_resists_every_snapshot_attack_on_a_tiny_model():
+    """kvshield's default (K/V padded with noise at 4× the layer's rms, then rotated): with 8
+    known tokens, no attack in the repo reads a fifth of the rest from a snapshot (measured on
+    the default model: docs/kvshield.md); at pad_scale 1 the known tokens' inner products read
+    most of it."""
+    ids = _ids("tiny-llama", 40, 5)
+    strong = _rates("tiny-llama", "kvshield", ids, known=8)
+    assert set(strong) >= {"nearest", "sorted", "norms", "gram", "pca", "procrustes(gram)"}
+    assert max(strong.values()) < 0.2, strong
+    weak = _rates("tiny-llama", "kvshield", ids, known=8, pad_scale=1.0)
+    assert max(weak["gram"], weak["procrustes(gram)"]) > 0.5, weak
+
+
+def test_the_device_view_gives_kvshield_away():
+    """What the device received: layer 0's inputs in the clear (kvshield), or permuted (tlg)."""
+    ids = _ids("tiny-llama", 30, 4)
+    assert _rates("tiny-llama", "kvshield", ids, DEVICE)["inputs"] >= 0.99
+    assert _rates("tiny-llama", "tlg", ids, DEVICE)["inputs-sorted"] >= 0.99
+    loro = _rates("tiny-llama", "loro", ids, DEVICE)
+    assert max(loro["inputs"], loro["inputs-sorted"]) < 0.2
 
 
 @pytest.mark.default_model
-def test_loro_cache_of_the_default_model_falls_to_head_norms(default_model):
-    """The figure `veil explain --scheme loro` and docs/tee.md state: every token of a chat
-    conversation read back from the rotated cache by per-head norms."""
-    from veil.attacks.kv_inversion import invert_mixed_values
-
+@pytest.mark.parametrize("scheme, options, attack", [("loro", {}, "norms"),
+                                                     ("kvshield", {"mixing": "permute"}, "sorted")])
+def test_default_model_chat_falls_from_the_snapshot(default_model, scheme, options, attack):
+    """The figures `veil explain` and docs state: every token of a chat conversation read back
+    from the device's cache."""
     ids = default_model.encode("My doctor said the biopsy results came back positive.", chat=True)
-    v0, tokens = layer0_values("default", "loro", ids, 4)
-    got = invert_mixed_values(default_model.cfg, default_model.ops.w, v0,
-                              list(range(len(tokens))), "norms")
-    assert recovery_rate(got, tokens) >= 0.99
+    assert _rates("default", scheme, ids, **options)[attack] >= 0.99
 
 
 def test_the_cli_reports_each_attack_and_refuses_schemes_without_a_device_cache():
@@ -73,9 +104,12 @@ def test_the_cli_reports_each_attack_and_refuses_schemes_without_a_device_cache(
 
     runner = CliRunner()
     res = runner.invoke(app, ["attack", "kv-inversion", "1 2 3 4 5 6 7 8", "--model", "tiny-gpt2",
-                              "--scheme", "tlg", "-n", "2"])
+                              "--scheme", "tlg", "-n", "2", "--known", "0"])
     assert res.exit_code == 0, res.output
     assert "sorted" in res.output and "100.0%" in res.output
+    res = runner.invoke(app, ["attack", "kv-inversion", "1 2 3 4 5 6", "--model", "tiny-gpt2",
+                              "--scheme", "nnsplitter", "-n", "2", "--view", "device"])
+    assert res.exit_code == 0 and "inputs" in res.output, res.output
     for scheme, why in (("shielded", "no untrusted device"), ("soter", "stays in the enclave")):
         res = runner.invoke(app, ["attack", "kv-inversion", "1 2 3", "--model", "tiny-gpt2",
                                   "--scheme", scheme, "-n", "2"])

@@ -131,7 +131,7 @@ class KvShieldOps(TeeModelOps):
     attention on the device under transforms redrawn for every new cache."""
 
     def __init__(self, cfg: ModelConfig, secrets_: KvShieldSecrets, mixing: str, width: int,
-                 fold: bool, device: DeviceHandle, weight_of: Callable[[str], torch.Tensor]) -> None:
+                 pad_scale: float, fold: bool, device: DeviceHandle, weight_of: Callable[[str], torch.Tensor]) -> None:
         biases = {k: v for k, v in secrets_.enclave.items() if k.endswith(".bias") and "norm" not in k}
         protocol = PublicProtocol(biases)
         super().__init__(cfg, dict(secrets_.enclave), protocol, [], device.channel, "kvshield",
@@ -143,7 +143,7 @@ class KvShieldOps(TeeModelOps):
         def draw() -> list[HeadMixing]:
             rng = SecretRng()           # a new key per conversation
             return [HeadMixing.sample(cfg, mixing, rng=rng, width=width,
-                                      pad_scales=self.scales[i], rope_commuting=rope_commuting)
+                                      pad_scales=self.scales[i] * pad_scale, rope_commuting=rope_commuting)
                     for i in range(cfg.n_layers)]
 
         self.redraw = draw
@@ -181,6 +181,7 @@ class KvShieldOps(TeeModelOps):
         return TorchOps.pos_embed(self, positions)
 
 
-def run_kvshield(cfg: ModelConfig, secrets_: KvShieldSecrets, mixing: str, width: int, fold: bool,
-                 device: DeviceHandle, weight_of: Callable[[str], torch.Tensor]) -> KvShieldOps:
-    return KvShieldOps(cfg, secrets_, mixing, width, fold, device, weight_of)
+def run_kvshield(cfg: ModelConfig, secrets_: KvShieldSecrets, mixing: str, width: int,
+                 pad_scale: float, fold: bool, device: DeviceHandle,
+                 weight_of: Callable[[str], torch.Tensor]) -> KvShieldOps:
+    return KvShieldOps(cfg, secrets_, mixing, width, pad_scale, fold, device, weight_of)
