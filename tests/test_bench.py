@@ -12,7 +12,29 @@ from veil.errors import ConfigError
 
 
 def test_suites_are_the_tested_ones():
-    assert set(SUITES) == {"plain-vs-hf", "tee", "mpc", "mpc-fused"}  # tests/mpc/test_costs.py
+    # mpc: tests/mpc/test_costs.py; kv-inversion: below
+    assert set(SUITES) == {"plain-vs-hf", "tee", "mpc", "mpc-fused", "kv-inversion"}
+
+
+def test_kv_inversion_smoke(tmp_path):
+    """The attack benchmark on a few short windows of a tiny model: every contender in both
+    views, and the rows say what the tests assert on their own (plain and the paper's
+    permutations read whole; the default padded mode not)."""
+    from veil.bench.kv_inversion import CONTENDERS, run
+
+    paths = run("tiny-llama", count=2, window=24, known=4, long_count=1, long_window=40,
+                out_dir=tmp_path)
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    data = json.loads(paths[0].read_text())
+    rows = {(r["label"], r["view"]): r for r in data["rows"]}
+    assert len(rows) == 2 * len(CONTENDERS)
+    assert rows[("plain", "snapshot")]["mean"] == 1.0
+    assert rows[("kvshield-paper (permute, fold)", "snapshot")]["whole_windows"] == 1.0
+    assert rows[("kvshield", "snapshot")]["mean"] < 0.5
+    assert rows[("kvshield", "device")]["best"] == "inputs"
+    assert rows[("shadownet", "snapshot")]["best"] is None
+    assert {r["label"] for r in data["long_rows"]} == {"kvshield", "kvshield pad_scale=1"}
+    assert "| kvshield | snapshot |" in paths[1].read_text()
 
 
 @pytest.mark.slow

@@ -308,8 +308,9 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
           out_dir: str = typer.Option("benchmarks/results", "--out"),
           hardware: Optional[str] = typer.Option(None, help="tee suite: hardware profile (JSON) "
                                                  "to project onto")) -> None:
-    """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused); write JSON, a markdown table (and
-    a plot). mpc: MERGE's Table 1 on GPT-2-base shapes, costs by category — long (over an hour
+    """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused, kv-inversion); write JSON, a
+    markdown table (and a plot). kv-inversion: every KV-cache attack against every scheme with a
+    device cache, 50 held-out windows (about an hour on the default model). mpc: MERGE's Table 1 on GPT-2-base shapes, costs by category — long (over an hour
     here); mpc-fused: the same contenders timed as generation runs them, plus vanilla and MERGE
     with the logits revealed to the client (about an hour); a subset with
     `python -m veil.bench.mpc 64,128 vanilla,merge+logits --fused [--update]`."""

@@ -50,6 +50,9 @@ class SplitCost:
     offline_s: float = 0.0
     offline_bytes: int = 0           # sealed pad products put on the device (offline traffic)
     pad_bytes_used: int = 0          # sealed pad products fetched back online
+    mixing_draws: int = 0            # fresh attention transforms drawn (one set per new cache)
+    mixing_draw_s: float = 0.0       # enclave CPU time drawing them (offline: one conversation ahead)
+    setup_bytes: int = 0             # per-conversation set-up traffic (kvshield's folded weights)
 
     LEVELS: ClassVar[tuple[str, ...]] = ("device_weight_bytes", "device_store_bytes")
 

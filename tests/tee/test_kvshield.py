@@ -57,10 +57,10 @@ def test_fresh_transforms_per_conversation():
         with veil.load("tiny-llama", scheme="kvshield", record_view=True, **opts) as m:
             m.generate(IDS, max_new_tokens=2, ignore_eos=True)
             first = {k: v.clone() for k, v in m.device_view().resident.items()}
-            assert m.ops.redraws == 1
+            assert m.ops.fresh.draws == 1
             m.generate(IDS, max_new_tokens=2, ignore_eos=True)
             second = m.device_view().resident
-            assert m.ops.redraws == 2
+            assert m.ops.fresh.draws == 2
             n = len(IDS)
             assert not torch.allclose(first["kv_cache.k"][..., :n, :], second["kv_cache.k"][..., :n, :])
             if opts.get("fold"):
@@ -157,3 +157,20 @@ def test_padded_mixing_changes_norms_and_keeps_scores():
 def test_bad_options(opts, message):
     with pytest.raises(ConfigError, match=message):
         veil.load("tiny-llama", scheme="kvshield", **opts)
+
+
+@pytest.mark.parametrize("scheme", ["loro", "tlg"])
+def test_loro_and_tlg_draw_fresh_mixings_per_conversation(scheme):
+    """fresh_mixing (default on): the same prompt twice leaves different caches on the device;
+    off: the sealed mixings, the same cache both times. Tokens equal plain's either way."""
+    with veil.load("tiny-llama") as ref:
+        want = ref.generate(IDS, max_new_tokens=3, ignore_eos=True).token_ids
+    for fresh in (True, False):
+        with veil.load("tiny-llama", scheme=scheme, record_view=True, fresh_mixing=fresh) as m:
+            caches = []
+            for _ in range(2):
+                assert m.generate(IDS, max_new_tokens=3, ignore_eos=True).token_ids == want
+                caches.append(m.device_view().resident["kv_cache.v"][..., :len(IDS), :].clone())
+            same = torch.allclose(caches[0], caches[1], atol=1e-3)
+            assert same != fresh
+            assert m.generate(IDS, max_new_tokens=1).cost.split.mixing_draws == int(fresh)

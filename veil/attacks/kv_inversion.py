@@ -59,7 +59,7 @@ class Vocabulary:
         self.cfg, self.weights = cfg, weights
         self.ops = TorchOps(cfg, weights)
         self._values: dict[int | None, torch.Tensor] = {}
-        self._inputs: dict[int | None, torch.Tensor] = {}
+        self._inputs: dict[Any, torch.Tensor] = {}
 
     def _layer0(self, position: int | None, what: str) -> torch.Tensor:
         table = self.weights["embed.weight"]
@@ -90,6 +90,19 @@ class Vocabulary:
         if k not in self._inputs:
             self._inputs[k] = self._layer0(k, "inputs")
         return self._inputs[k]
+
+    def sorted_inputs(self, position: int | None = None) -> torch.Tensor:
+        """inputs() with each row's entries sorted (against inputs whose features were permuted)."""
+        k = ("sorted", self._key(position))
+        if k not in self._inputs:
+            self._inputs[k] = self.inputs(position).sort(dim=-1).values
+        return self._inputs[k]
+
+    def sorted_heads(self) -> torch.Tensor:
+        """heads() with each head's entries sorted (position-free models)."""
+        if "sorted_heads" not in self._inputs:
+            self._inputs["sorted_heads"] = self.heads().sort(dim=-1).values
+        return self._inputs["sorted_heads"]
 
     def heads(self, position: int | None = None) -> torch.Tensor:
         """(V, n_kv_heads, head_dim)."""
@@ -153,8 +166,8 @@ def _nearest_dist(rows: torch.Tensor, tables: list[torch.Tensor], g: int) -> tor
     """(n, hd) true-head-g rows → (n, V) squared distances to the vocabulary's head-g rows (one
     product when the table does not depend on the position)."""
     if all(t is tables[0] for t in tables):
-        return _sq_dist(rows, tables[0][:, g])
-    return torch.cat([_sq_dist(rows[i:i + 1], t[:, g]) for i, t in enumerate(tables)])
+        return torch.cdist(rows.float(), tables[0][:, g]).pow(2)
+    return torch.cat([torch.cdist(rows[i:i + 1].float(), t[:, g]).pow(2) for i, t in enumerate(tables)])
 
 
 def invert_sorted(vocab: Vocabulary, cache_v0: torch.Tensor, positions: list[int]) -> list[int]:
@@ -168,7 +181,7 @@ def invert_sorted(vocab: Vocabulary, cache_v0: torch.Tensor, positions: list[int
     tables = _per_position(vocab, positions)
     nkv = vocab.cfg.n_kv_heads
     if vocab.cfg.position != "learned":
-        voc = tables[0].sort(dim=-1).values
+        voc = vocab.sorted_heads()
         dist = torch.stack([torch.stack([_sq_dist(got[:, j], voc[:, g]) for g in range(nkv)])
                             for j in range(nkv)])
     else:
@@ -328,14 +341,13 @@ def invert_inputs(vocab: Vocabulary, x0: torch.Tensor, positions: list[int], kin
         return [-1] * n
     if kind == "sorted":
         x = x.sort(dim=-1).values
-    out = []
-    for i in range(n):
-        if i == 0 or vocab.cfg.position == "learned":
-            t = vocab.inputs(positions[i])
-            if kind == "sorted":
-                t = t.sort(dim=-1).values
-        out.append(int(_sq_dist(x[i:i + 1], t).argmin()))
-    return out
+
+    def table(p: int | None) -> torch.Tensor:
+        return vocab.sorted_inputs(p) if kind == "sorted" else vocab.inputs(p)
+
+    if vocab.cfg.position != "learned":
+        return torch.cdist(x, table(None)).argmin(-1).tolist()
+    return [int(torch.cdist(x[i:i + 1], table(p)).argmin()) for i, p in enumerate(positions)]
 
 
 def recovery_rate(predicted: list[int], truth: list[int]) -> float:
@@ -409,3 +421,34 @@ def attack_view(vocab: Vocabulary, view: Any, tokens: list[int], which: str = SN
             found.append(("inputs-sorted", invert_inputs(vocab, x0, positions, "sorted")))
     scored = slice(min(known, n - 1), n)
     return [InversionResult(a, recovery_rate(t[scored], tokens[scored]), t) for a, t in found]
+
+
+class Recorder:
+    """One scheme loaded once (thread device, recording), and the view of each prompt's prefill:
+    the cache slots hold exactly the prompt. What the device received is cleared between prompts,
+    so each view is one conversation's."""
+
+    def __init__(self, model: str, scheme: str, **options: Any) -> None:
+        if scheme != "plain" and "record_view" not in {f.name for f in
+                                                        fields(schemes.get(scheme).options)}:
+            raise UnsupportedError(f"scheme {scheme!r} has no untrusted device holding a KV cache")
+        extra = {} if scheme == "plain" else {"record_view": True, "device": "thread"}
+        self.scheme = scheme
+        self.model = veil.load(model, scheme=scheme, **extra, **options)
+
+    def view(self, ids: list[int]) -> Any:
+        from veil.tee.device import View
+
+        m = self.model
+        if self.scheme == "plain":
+            cache = m.ops.new_cache(1, len(ids))
+            with torch.inference_mode():
+                forward(m.cfg, m.ops, torch.tensor([ids]),
+                        Step(torch.arange(len(ids))[None], None, 0), cache)
+            return View({"kv_cache.k": cache.k, "kv_cache.v": cache.v})
+        m.ops.device_state.received.clear()
+        m.generate(ids, max_new_tokens=1, ignore_eos=True)        # the prefill fills the cache
+        return m.device_view()
+
+    def close(self) -> None:
+        self.model.close()

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
+from veil.bench import kv_inversion
 from veil.bench import mpc as mpc_bench
 from veil.bench.spec import WorkerSpec
 from veil.bench.tee import rows_and_table
 from veil.tee.latency import DEFAULT_HARDWARE, load_hardware
 from veil.errors import ConfigError
 
-SUITES = ("plain-vs-hf", "tee", "mpc", "mpc-fused")
+SUITES = ("plain-vs-hf", "tee", "mpc", "mpc-fused", "kv-inversion")
 
 
 def _worker(mode: str, model: str, repeats: int, new_tokens: int,
@@ -108,6 +109,8 @@ def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: 
         raise ConfigError(f"unknown benchmark suite {suite!r} (known: {', '.join(SUITES)})")
     if repeats < 1 or new_tokens < 2:
         raise ConfigError("repeats must be ≥ 1 and new_tokens ≥ 2")
+    if suite == "kv-inversion":   # attacks' figures, not speed: bench/kv_inversion.py
+        return kv_inversion.run(model, out_dir=out_dir)
     if suite in ("mpc", "mpc-fused"):   # own sweeps (GPT-2-base shapes, MSL 64–512): bench/mpc.py
         return mpc_bench.run(out_dir=out_dir, fused=suite == "mpc-fused")
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU",

@@ -54,8 +54,26 @@ class NNSplitterOptions(BaselineOptions):
         return self.mask_fraction
 
 
+@dataclass(frozen=True)
+class TlgRunOptions(DeviceOptions):
+    """fresh_mixing: new head-block permutations for every conversation (off: the sealed ones,
+    reused by every conversation)."""
+
+    fresh_mixing: bool = True
+
+
+@dataclass(frozen=True)
+class TlgOptions(BaselineOptions, TlgRunOptions):
+    """TLG's options: the baselines' and fresh_mixing."""
+
+
+def _fresh(o: DeviceOptions) -> bool:
+    return isinstance(o, TlgRunOptions) and o.fresh_mixing
+
+
 def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
-             linear_receives: str, holds: str, leaks: str, attention_on_device: bool) -> Scheme:
+             linear_receives: str, holds: str, leaks: str, attention_on_device: bool,
+             run_options: type[DeviceOptions] = DeviceOptions) -> Scheme:
     def protect(opened: OpenedModel, o: BaselineOptions) -> Protected:
         secrets_, device_weights = protect_baseline_secrets(
             name, opened.cfg, opened.weights, o.enclave_share, o.noised_fraction())
@@ -66,14 +84,14 @@ def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
         secrets_, device_weights = protect_baseline_secrets(
             name, opened.cfg, opened.weights, o.enclave_share, o.noised_fraction())
         return start_session(name, opened.cfg, o, mode, device_weights, secrets_,
-                             lambda device, _: run_baseline(opened.cfg, secrets_, device),
+                             lambda device, _: run_baseline(opened.cfg, secrets_, device, _fresh(o)),
                              owned=False)
 
     def open_protected(art: Opened, o: DeviceOptions) -> TeeSession:
         mode = o.mode("process", name)
         secrets_ = BaselineSecrets.from_sealed(art.tensors, art.meta)
         return start_session(name, art.cfg, o, mode, art.device_weights, secrets_,
-                             lambda device, _: run_baseline(art.cfg, secrets_, device),
+                             lambda device, _: run_baseline(art.cfg, secrets_, device, _fresh(o)),
                              owned=True)
 
     rows = [Placement("embedding, norms, activations, residual adds, LM head", "enclave", "—",
@@ -94,17 +112,18 @@ def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
     return Scheme(
         name=name, system=system, protects="model weights", trusted="the TEE", sees=sees,
         kind="tee",
-        status="**implemented** (baseline)", options=options, artifact_options=DeviceOptions,
+        status="**implemented** (baseline)", options=options, artifact_options=run_options,
         support={**support, "generation": frozenset({"standard"})},
         tolerance=Tolerance(tiny=1e-4, default=1e-3), placement=tuple(rows),
         open=open_, protect=protect, open_protected=open_protected)
 
 
 BASELINES = (
-    _schemes("tlg", "TransLinkGuard (MM'24)", BaselineOptions,
+    _schemes("tlg", "TransLinkGuard (MM'24)", TlgOptions,
              "permuted weights, permuted inputs; Q/K/V and the KV cache under permutations",
              "x with features permuted",
-             "W[π_out][:, π_in]", "weights up to permutations: undone by MSP", True),
+             "W[π_out][:, π_in]", "weights up to permutations: undone by MSP", True,
+             TlgRunOptions),
     _schemes("soter", "SOTER (ATC'22)", SoterOptions,
              "scaled weights (one scalar per matrix); inputs in the clear",
              "x in the clear (a share of layers stays in the enclave)", "μ·W",

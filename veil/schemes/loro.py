@@ -17,10 +17,12 @@ from veil.tee.schemes.loro import LoroConfig, LoroSecrets
 
 @dataclass(frozen=True)
 class LoroRunOptions(DeviceOptions):
-    """What running LoRO takes (an artifact too): the device's options, and Freivalds checks of
-    every device result."""
+    """What running LoRO takes (an artifact too): the device's options, Freivalds checks of every
+    device result, and fresh attention mixings per conversation (off: the sealed ones, reused by
+    every conversation, as the paper's code does)."""
 
     verify: bool = False
+    fresh_mixing: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def _open(opened: OpenedModel, o: LoroOptions) -> TeeSession:
     return start_session(
         "loro", opened.cfg, o, mode, device_weights, secrets_,
         lambda device, weight_of: run_loro(opened.cfg, secrets_, lcfg, device, weight_of,
-                                           o.verify), owned=False)
+                                           o.verify, o.fresh_mixing), owned=False)
 
 
 def _protect(opened: OpenedModel, o: LoroOptions) -> Protected:
@@ -58,7 +60,8 @@ def _open_protected(art: Opened, o: LoroRunOptions) -> TeeSession:
     # the enclave reads the weights it verified against the sealed digest, not the device's copy
     return start_session(
         "loro", art.cfg, o, mode, art.device_weights, secrets_,
-        lambda device, _: run_loro(art.cfg, secrets_, lcfg, device, art.weight_of, o.verify),
+        lambda device, _: run_loro(art.cfg, secrets_, lcfg, device, art.weight_of, o.verify,
+                                   o.fresh_mixing),
         owned=True)
 
 

@@ -9,7 +9,7 @@ low-rank correction): requests are sent first, the scheme's `precompute` runs, t
 Attention runs on the device under secret head-block transforms (veil/tee/mixing.py): Q·Kᵀ per
 head is unchanged, so the device's softmax is exact; the enclave applies RoPE before the transform
 and undoes the V transform on the output. A scheme may redraw the transforms at every new KV cache
-(`redraw`: one conversation's cache then shares nothing secret with the next one's), or have them
+(`fresh`: one conversation's cache then shares nothing secret with the next one's), or have them
 folded into the device's Q/K/V weights (`qkv_folded`: the device's projections already send
 transformed rows, so the enclave only undoes V's).
 """
@@ -17,8 +17,7 @@ transformed rows, so the enclave only undoes V's).
 from __future__ import annotations
 
 import math
-import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -29,7 +28,7 @@ from veil.model.config import ModelConfig
 from veil.model.ops import Step
 from veil.tee.channel import Channel
 from veil.tee.integrity import Freivalds
-from veil.tee.mixing import HeadMixing
+from veil.tee.mixing import FreshMixings, HeadMixing
 from veil.tee.pads import PadCost
 from veil.tee.wire import Message
 
@@ -90,10 +89,9 @@ class EnclaveOps(TorchOps):
         self.verifier = verifier
         self.mixing_flops = 0       # head-mixing matmuls (enclave, on the critical path)
         self.mixing_pad_bytes = 0   # padded mixings: keystream drawn for the pads (finished caches)
-        # a fresh draw of every layer's mixing for each new cache (None: the sealed ones, always)
-        self.redraw: Callable[[], list[HeadMixing]] | None = None
-        self.redraws = 0
-        self.redraw_s = 0.0         # enclave time spent drawing them (offline: before the prompt)
+        # every layer's mixing drawn anew for each new cache (None: the sealed ones, always)
+        self.fresh: FreshMixings | None = None
+        self.setup_bytes = 0        # per-conversation set-up traffic (folded weights)
         self.qkv_folded = False     # the device's q/k/v weights carry the transform already
 
     def cost_counters(self) -> SplitCost:
@@ -113,10 +111,16 @@ class EnclaveOps(TorchOps):
             device_weight_bytes=int(dev.get("resident_bytes", 0)),
             device_store_bytes=int(dev.get("store_bytes", 0)),
             offline_flops=pads.flops, offline_s=pads.seconds, offline_bytes=pads.stored_bytes,
-            pad_bytes_used=pads.used_bytes)
+            pad_bytes_used=pads.used_bytes,
+            mixing_draws=self.fresh.draws if self.fresh is not None else 0,
+            mixing_draw_s=self.fresh.seconds if self.fresh is not None else 0.0,
+            setup_bytes=self.setup_bytes)
 
     def wipe(self) -> None:
-        """Zero the secrets this enclave made: head mixings, check vectors, the protocol's."""
+        """Zero the secrets this enclave made: head mixings (those drawn ahead too), check vectors,
+        the protocol's."""
+        if self.fresh is not None:
+            self.fresh.close()
         for p in self.perms:
             p.wipe()
         if self.verifier is not None:
@@ -125,11 +129,8 @@ class EnclaveOps(TorchOps):
 
     def new_cache(self, batch: int, capacity: int) -> None:
         c = self.cfg
-        if self.redraw is not None:
-            t0 = time.perf_counter()
-            fresh = self.redraw()
-            self.redraw_s += time.perf_counter() - t0
-            self.redraws += 1
+        if self.fresh is not None:
+            fresh = self.fresh.take()
             for p in self.perms:
                 self.mixing_pad_bytes += p.pad_bytes[0]
                 p.wipe()

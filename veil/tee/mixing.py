@@ -20,7 +20,10 @@ any angle for `rotate`, a multiple of 90° (a signed swap) for `permute`. S_g (v
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -233,3 +236,57 @@ def unseal_mixings(t: dict[str, torch.Tensor], layers: int) -> list[HeadMixing]:
     # artifacts sealed before padding existed have no scales: no padding
     return [HeadMixing(*(t.get(f"mix.{i}.{f}", torch.zeros(2) if f == "scales" else None)
                          for f in _MIXING_FIELDS)) for i in range(layers)]
+
+
+class FreshMixings:
+    """Every layer's mixing for each new conversation (KV cache), drawn one conversation ahead on
+    a background thread: a draw (a QR per head block: ~0.2 s for the default model's rotations,
+    ~0.7 s padded) is offline work that overlaps the pause before the next prompt, not the prompt.
+    `seconds` is the drawing thread's CPU time, all draws together."""
+
+    def __init__(self, draw: Callable[[], list[HeadMixing]]) -> None:
+        self._draw = draw
+        self.draws = 0
+        self.seconds = 0.0
+        self._next: list[HeadMixing] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._start()
+
+    def _run(self) -> None:
+        t0 = time.thread_time()
+        try:
+            self._next = self._draw()
+        except BaseException as exc:      # handed to the caller of take()
+            self._error = exc
+        self.seconds += time.thread_time() - t0
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="veil-mixings")
+        self._thread.start()
+
+    def _wait(self) -> list[HeadMixing] | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        out, self._next = self._next, None
+        return out
+
+    def take(self) -> list[HeadMixing]:
+        """This conversation's mixings (the next set starts drawing at once)."""
+        out = self._wait()
+        assert out is not None
+        self.draws += 1
+        self._start()
+        return out
+
+    def close(self) -> None:
+        """Stop drawing and wipe the set drawn ahead."""
+        try:
+            pending = self._wait()
+        except BaseException:
+            pending = None
+        for p in pending or ():
+            p.wipe()

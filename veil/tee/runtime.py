@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from veil.tee.device import DeviceState, View
 from veil.tee.process import DeviceHandle, SafetensorsReader
 from veil.tee.enclave import EnclaveOps
-from veil.tee.mixing import HeadMixing
+from veil.tee.mixing import FreshMixings, HeadMixing
 from veil.tee.integrity import Freivalds
 from veil.tee.pads import PadPool
 from veil.tee.schemes.loro import (FactorBank, LoroConfig, LoroProtocol, LoroSecrets, input_groups,
@@ -106,9 +106,20 @@ def protect_loro(cfg: ModelConfig, weights: Weights,
     return LoroSecrets(bank, enclave_parameters(cfg, weights), perms), device_weights
 
 
+def fresh_mixings(cfg: ModelConfig, kind: str) -> FreshMixings:
+    """Per-conversation head mixings for a scheme that sealed one set (loro, tlg): each set from
+    a new key. Uncalibrated: the calibration of `protect_loro` needs true q/k/v rows the online
+    enclave does not keep (and ~2 s a draw); no attack in veil/attacks uses the alignment it
+    removes."""
+    return FreshMixings(lambda: [HeadMixing.sample(cfg, kind, rng=rng)
+                                 for rng in [SecretRng()] for _ in range(cfg.n_layers)])
+
+
 def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, lcfg: LoroConfig, device: DeviceHandle,
-             weight_of: Callable[[str], torch.Tensor], verify: bool) -> TeeModelOps:
-    """The online enclave over a running device."""
+             weight_of: Callable[[str], torch.Tensor], verify: bool, fresh: bool = True
+             ) -> TeeModelOps:
+    """The online enclave over a running device; `fresh`: new head mixings per conversation
+    (otherwise the sealed ones, for every conversation)."""
     def stash(names: list[str], start: int, capacity: int, blobs: list[torch.Tensor]) -> None:
         # offline traffic: the pool counts it itself (PadCost.stored_bytes)
         device.channel.call_uncounted("stash", blobs, names=names, start=start, capacity=capacity)
@@ -123,8 +134,11 @@ def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, lcfg: LoroConfig, device: 
         # a key of its own: the checks are drawn per run, after the protected secrets were sealed
         verifier = Freivalds({n: weight_of(n) for n in names}, {n: weight_of(n) for n in tables},
                              SecretRng())
-    return TeeModelOps(cfg, dict(secrets_.local), protocol, secrets_.perms, device.channel, "loro",
-                       verifier=verifier, device=device, bank=secrets_.bank, pool=pool)
+    ops = TeeModelOps(cfg, dict(secrets_.local), protocol, secrets_.perms, device.channel, "loro",
+                      verifier=verifier, device=device, bank=secrets_.bank, pool=pool)
+    if fresh:
+        ops.fresh = fresh_mixings(cfg, lcfg.attention_mixing)
+    return ops
 
 
 def start_device(device_weights: dict[str, torch.Tensor] | Path | None, mode: str,

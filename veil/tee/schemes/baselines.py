@@ -31,7 +31,7 @@ from veil.model.weights import Weights
 from veil.tee.mixing import HeadMixing, seal_mixings, unseal_mixings
 from veil.tee.pads import PadCost
 from veil.tee.process import DeviceHandle
-from veil.tee.runtime import TeeModelOps
+from veil.tee.runtime import TeeModelOps, fresh_mixings
 from veil.tee.schemes.loro import input_groups
 
 BASELINES = ("tlg", "soter", "nnsplitter", "shadownet")
@@ -291,9 +291,14 @@ def protect_baseline_secrets(scheme: str, cfg: ModelConfig, weights: Weights, sh
     return BaselineSecrets(scheme, enclave, obf, local_names, perms), device_weights
 
 
-def run_baseline(cfg: ModelConfig, secrets_: BaselineSecrets, device: DeviceHandle) -> BaselineOps:
-    """The online enclave of a baseline over a running device."""
+def run_baseline(cfg: ModelConfig, secrets_: BaselineSecrets, device: DeviceHandle,
+                 fresh: bool = False) -> BaselineOps:
+    """The online enclave of a baseline over a running device; `fresh` (tlg): new head mixings
+    per conversation instead of the sealed ones."""
     biases = {k: v for k, v in secrets_.enclave.items() if k.endswith(".bias") and "norm" not in k}
     protocol = BaselineProtocol(secrets_.obf, biases, input_groups(cfg))
-    return BaselineOps(cfg, dict(secrets_.enclave), protocol, secrets_.perms, device.channel,
-                       secrets_.scheme, secrets_.local_names, secrets_.scheme == "tlg", device)
+    ops = BaselineOps(cfg, dict(secrets_.enclave), protocol, secrets_.perms, device.channel,
+                      secrets_.scheme, secrets_.local_names, secrets_.scheme == "tlg", device)
+    if fresh and ops.attention_on_device:
+        ops.fresh = fresh_mixings(cfg, "permute")
+    return ops

@@ -34,7 +34,7 @@ from veil.backends.plain import TorchOps
 from veil.csprng import SecretRng
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights
-from veil.tee.mixing import HeadMixing
+from veil.tee.mixing import FreshMixings, HeadMixing
 from veil.tee.pads import PadCost
 from veil.tee.process import DeviceHandle
 from veil.tee.runtime import TeeModelOps, attention_calibration
@@ -146,9 +146,8 @@ class KvShieldOps(TeeModelOps):
                                       pad_scales=self.scales[i] * pad_scale, rope_commuting=rope_commuting)
                     for i in range(cfg.n_layers)]
 
-        self.redraw = draw
+        self.fresh = FreshMixings(draw)
         self.qkv_folded = fold
-        self.fold_bytes = 0              # folded weights sent so far (once per conversation)
 
     def new_cache(self, batch: int, capacity: int) -> None:
         super().new_cache(batch, capacity)
@@ -172,7 +171,7 @@ class KvShieldOps(TeeModelOps):
         # set-up traffic, not the model's: a frame carries at most 64 tensors
         for s in range(0, len(names), 48):
             self.channel.call_uncounted("put", tensors[s:s + 48], names=names[s:s + 48])
-        self.fold_bytes += sum(t.nbytes for t in tensors)
+        self.setup_bytes += sum(t.nbytes for t in tensors)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return TorchOps.embed(self, ids)
