@@ -174,3 +174,38 @@ def test_loro_and_tlg_draw_fresh_mixings_per_conversation(scheme):
             same = torch.allclose(caches[0], caches[1], atol=1e-3)
             assert same != fresh
             assert m.generate(IDS, max_new_tokens=1).cost.split.mixing_draws == int(fresh)
+
+
+@pytest.mark.parametrize("opts, per_layer", [({"mixing": "permute", "fold": True}, 1), ({}, 2)],
+                         ids=["fold", "padded"])
+def test_round_trips_per_decode_step(opts, per_layer):
+    """The device runs the public model's ops as programs: one round trip per layer when the
+    transform is folded (the paper's dataflow), two when the enclave transforms q/k/v; plus the
+    logits."""
+    with veil.load("tiny-llama", scheme="kvshield", **opts) as m:
+        one = m.generate(IDS, max_new_tokens=1, ignore_eos=True).cost.split
+        two = m.generate(IDS, max_new_tokens=2, ignore_eos=True).cost.split
+        assert two.round_trips - one.round_trips == per_layer * m.cfg.n_layers + 1
+
+
+def test_bad_programs_are_refused():
+    from veil.errors import ProtocolAbort
+    from veil.model.config import hf_config_dict
+    from veil.tee.device import DeviceState
+    from veil.tee.wire import Message
+
+    cfg = zoo.preset("tiny-llama")
+    state = DeviceState()
+    state.tensors.update(zoo.random_weights(cfg, 0))
+    x = torch.randn(1, 2, cfg.d_model)
+    norm = {"op": "norm", "in": [-1], "out": [0], "name": "final_norm"}
+    with pytest.raises(ProtocolAbort, match="before configure"):
+        state.handle(Message("program", {"steps": [norm], "outputs": [0]}, [x]))
+    state.handle(Message("configure", {"config": hf_config_dict(cfg)}))
+    got = state.handle(Message("program", {"steps": [norm], "outputs": [0]}, [x])).tensors[0]
+    assert torch.allclose(got, TorchOps(cfg, state.tensors).norm(x, "final_norm"))
+    for steps, why in (([{"op": "lm_head", "in": [-1], "out": [1]}], "not one the device runs"),
+                       ([{"op": "add", "in": [7, -1], "out": [1]}], "no value 7"),
+                       ([{"op": "add", "in": [-1, -3], "out": [1]}], "no input tensor 2")):
+        with pytest.raises(ProtocolAbort, match=why):
+            state.handle(Message("program", {"steps": steps, "outputs": []}, [x]))

@@ -21,8 +21,9 @@ The attacks, weakest first (each returns one token per cache slot):
             with it and read it off by nearest neighbour; three rounds (attack 2's last step)
   folded    fold=true (attack 3): the device's W_v' = M·W_v per head block, so M = W_v'·W_v⁺
             against the public weights, and the cache is undone exactly
-  inputs    device view: layer 0's linear inputs are the tokens' normed embeddings — nearest
-            neighbour (permuted inputs, as TLG and ShadowNet send: sorted entries)
+  inputs    device view: layer 0's linear inputs are the tokens' normed embeddings (kvshield sends
+            the embedding rows themselves) — nearest neighbour (permuted inputs, as TLG and
+            ShadowNet send: sorted entries)
 Every attack on a slot assignment (which device head slot holds which true KV head) tries them all
 (≤ 5 KV heads; more: a linear assignment on the summed costs).
 Attack 4 (a private fine-tuned model, the public prior standing in) needs a fine-tuned victim;
@@ -324,17 +325,23 @@ def invert_folded(vocab: Vocabulary, device_wv: torch.Tensor, cache_v0: torch.Te
     return invert_values(vocab, undone.transpose(0, 1), positions)
 
 
-def first_inputs(view_received: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
-    """Layer 0's q/k/v-projection inputs the device received, in order, as (N, d) rows."""
-    got = [t.reshape(-1, t.shape[-1]) for name, t in view_received
-           if name.startswith("linear:") and "'layers.0.attn.q'" in name]
-    return torch.cat(got) if got else None
+def first_inputs(view_received: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, str] | None:
+    """What the device received of layer 0's input, in order, as (N, d) rows and their kind:
+    `normed` (the q/k/v projections' input, as the per-op runtime sends it) or `raw` (the token
+    embeddings themselves, as a program of kvshield's sends them)."""
+    for prefix, kind in (("'layers.0.attn.q'", "normed"), ("program:embeds:", "raw")):
+        got = [t.reshape(-1, t.shape[-1]) for name, t in view_received
+               if (name.startswith("linear:") and prefix in name) or name.startswith(prefix)]
+        if got:
+            return torch.cat(got), kind
+    return None
 
 
-def invert_inputs(vocab: Vocabulary, x0: torch.Tensor, positions: list[int], kind: str
-                  ) -> list[int]:
-    """Device view: each received layer-0 input row against the vocabulary's normed embeddings —
-    `nearest`, or `sorted` entries (inputs whose features were permuted)."""
+def invert_inputs(vocab: Vocabulary, x0: torch.Tensor, positions: list[int], kind: str,
+                  rows: str = "normed") -> list[int]:
+    """Device view: each received layer-0 input row against the vocabulary's — normed
+    embeddings (`rows` "normed"), or the embedding table itself ("raw") — by `nearest`, or by
+    `sorted` entries (inputs whose features were permuted)."""
     n = len(positions)
     x = x0[:n].float()
     if x.shape[-1] != vocab.cfg.d_model:
@@ -343,9 +350,12 @@ def invert_inputs(vocab: Vocabulary, x0: torch.Tensor, positions: list[int], kin
         x = x.sort(dim=-1).values
 
     def table(p: int | None) -> torch.Tensor:
+        if rows == "raw":
+            t = vocab.weights["embed.weight"].float()
+            return t.sort(dim=-1).values if kind == "sorted" else t
         return vocab.sorted_inputs(p) if kind == "sorted" else vocab.inputs(p)
 
-    if vocab.cfg.position != "learned":
+    if vocab.cfg.position != "learned" or rows == "raw":
         return torch.cdist(x, table(None)).argmin(-1).tolist()
     return [int(torch.cdist(x[i:i + 1], table(p)).argmin()) for i, p in enumerate(positions)]
 
@@ -415,10 +425,11 @@ def attack_view(vocab: Vocabulary, view: Any, tokens: list[int], which: str = SN
         if wv is not None:
             found.append(("folded", invert_folded(vocab, wv, v0, positions)))
     if which == DEVICE:
-        x0 = first_inputs(view.received)
-        if x0 is not None:
-            found.append(("inputs", invert_inputs(vocab, x0, positions, "nearest")))
-            found.append(("inputs-sorted", invert_inputs(vocab, x0, positions, "sorted")))
+        got = first_inputs(view.received)
+        if got is not None:
+            x0, rows = got
+            found.append(("inputs", invert_inputs(vocab, x0, positions, "nearest", rows)))
+            found.append(("inputs-sorted", invert_inputs(vocab, x0, positions, "sorted", rows)))
     scored = slice(min(known, n - 1), n)
     return [InversionResult(a, recovery_rate(t[scored], tokens[scored]), t) for a, t in found]
 

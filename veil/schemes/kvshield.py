@@ -93,16 +93,22 @@ KVSHIELD = Scheme(
     tolerance=Tolerance(tiny=1e-4, default=1e-3),
     open=_open, protect=_protect, open_protected=_open_protected,
     placement=(
-        Placement("embedding lookup, norms, activations, residual adds, RoPE", "enclave", "—",
-                  "—"),
-        Placement("q/k/v, o, gate/up, down, LM head", "device", "x in the clear",
-                  "the public weights (fold: W_q/W_k/W_v with the transform folded in)",
-                  "the conversation: layer 0's inputs are the tokens' normed embeddings "
-                  "(veil/attacks/kv_inversion.py reads them back by nearest neighbour)",
-                  holds=("layers.*.weight", "embed.weight", "lm_head.weight"),
-                  receives=("linear:*",)),
+        Placement("embedding lookup", "enclave", "—", "—"),
+        Placement("norms, q/k/v, RoPE, o, gate/up, down, activations, residual adds, LM head",
+                  "device", "each forward's token embeddings E[t] (+ position rows), and each "
+                  "layer's attention output after the enclave un-transforms it",
+                  "the public weights (fold: W_q/W_k/W_v and biases with the transform folded "
+                  "in, re-sent per conversation), the forward's live values",
+                  "the conversation: the embedding rows are the tokens (veil/attacks/"
+                  "kv_inversion.py `inputs`: 100%); so are the live residual stream values",
+                  holds=("layers.*", "final_norm.*", "embed.weight", "lm_head.weight", "value.*"),
+                  receives=("program:embeds:*", "program:pos_embeds:*", "program:attn_out:*",
+                            "program:positions:*")),
+        Placement("head-block transform of q/k/v (not fold: fetched back, transformed, "
+                  "padded), un-transform of the attention output", "enclave", "—", "—"),
         Placement("attention", "device", "Q, K, V under per-conversation head-block transforms",
                   "the KV cache under the same transforms",
-                  "depends on the mixing: see docs/kvshield.md for each attack's recovery rate",
-                  holds=("kv_cache.*",), receives=("attention:*",)),
+                  "permute (the paper's RPM) and rotate, folded or not: every token (sorted "
+                  "entries, per-head norms, W'·W⁺); padded: see docs/kvshield.md",
+                  holds=("kv_cache.*",), receives=("program:attention:*",)),
     ))

@@ -17,6 +17,12 @@ Ops (request → reply):
                                        → softmax(q kᵀ·scale) v (B,T,nh·hd), with k, v appended to the
                                        cache (scale: 1/√hd by default; padded head vectors are
                                        longer than the ones whose scores they carry)
+  configure args.config (the public HF config) → the device can run the public model's own ops
+  program  args.steps/outputs/free/labels, input tensors → the values of `outputs` after running
+           `steps` (norm, linears, rope, activation, mul, add, last_position on its public
+           weights; attention on its cache) over values it keeps between programs until `free`d
+           (veil/tee/deferred.py: a scheme whose device holds public weights sends each layer's
+           device work as one program)
   view     → every resident tensor and, if recording, every received tensor
   stats    → the device's FLOPs, busy seconds, resident weight bytes and opaque store bytes
 """
@@ -31,8 +37,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from veil.backends.plain import attention_mask
+from veil.backends.plain import TorchOps, attention_mask
 from veil.errors import ProtocolAbort
+from veil.model.config import config_from_hf
 from veil.model.ops import Step
 from veil.tee.channel import ERROR_OP, Channel
 from veil.tee.wire import Message
@@ -46,6 +53,12 @@ class View:
     received: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
 
+_BOOKKEEPING = ("put", "stash", "view", "ping", "stats", "configure")
+# what a program may run: the public model's own ops (TorchOps) and attention on the cache
+_PROGRAM_OPS = frozenset({"norm", "linears", "rope", "activation", "mul", "add", "last_position",
+                          "attention"})
+
+
 class DeviceState:
     """The device's memory and its op handlers (transport-independent)."""
 
@@ -57,16 +70,20 @@ class DeviceState:
         self.received: list[tuple[str, torch.Tensor]] = []
         self.flops = 0
         self.busy_s = 0.0       # time spent computing replies (not waiting for requests)
+        self.executor: TorchOps | None = None       # after `configure`
+        self.values: dict[int, torch.Tensor] = {}   # a program's values, kept until freed
 
     def handle(self, msg: Message) -> Message:
         handler = getattr(self, f"_op_{msg.op}", None)
         if handler is None:
             raise ProtocolAbort(f"unknown op {msg.op!r}")
         # put/stash data stays resident and shows in the view as such
-        if self.record and msg.op not in ("put", "stash", "view", "ping", "stats"):
+        if self.record and msg.op not in _BOOKKEEPING:
+            labels = msg.args.get("labels") or []
             for i, t in enumerate(msg.tensors):
-                self.received.append((f"{msg.op}:{msg.args.get('names', msg.args.get('layer', ''))}:{i}", t))
-        if msg.op in ("put", "stash", "view", "ping", "stats"):   # set-up and bookkeeping
+                what = labels[i] if i < len(labels) else msg.args.get('names', msg.args.get('layer', ''))
+                self.received.append((f"{msg.op}:{what}:{i}", t))
+        if msg.op in _BOOKKEEPING:   # set-up and bookkeeping
             return handler(msg)
         t0 = time.perf_counter()
         try:
@@ -141,15 +158,25 @@ class DeviceState:
         a = msg.args
         shape = (a["layers"], a["batch"], a["kv_heads"], a["capacity"], a["head_dim"])
         self.cache_k, self.cache_v = torch.zeros(shape), torch.zeros(shape)
+        self.values.clear()                 # a new conversation: nothing of the last one is live
         return Message("ok")
 
     def _op_attention(self, msg: Message) -> Message:
-        if self.cache_k is None or self.cache_v is None:
+        if self.cache_k is None:
             raise ProtocolAbort("attention before a cache was created")
         a = msg.args
         q, k, v = msg.tensors[:3]
         key_valid = msg.tensors[3] if len(msg.tensors) > 3 else None
-        layer, start, nh, hd = a["layer"], a["start"], a["n_heads"], a["head_dim"]
+        out = self._attend(q, k, v, key_valid, a["layer"], a["start"], a["n_heads"], a["head_dim"],
+                           a.get("scale"))
+        return Message("attention", {}, [out])
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_valid: torch.Tensor | None, layer: int, start: int, nh: int, hd: int,
+                scale: float | None) -> torch.Tensor:
+        """softmax(q kᵀ·scale) v over the cache, k and v appended at slot `start`."""
+        if self.cache_k is None or self.cache_v is None:
+            raise ProtocolAbort("attention before a cache was created")
         B, T, _ = q.shape
         nkv = self.cache_k.shape[2]
         end = start + T
@@ -161,14 +188,68 @@ class DeviceState:
         out = F.scaled_dot_product_attention(
             q.view(B, T, nh, hd).transpose(1, 2), self.cache_k[layer, :, :, :end],
             self.cache_v[layer, :, :, :end], attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=nkv != nh, scale=a.get("scale"))
+            enable_gqa=nkv != nh, scale=scale)
         self.flops += 4 * B * T * nh * hd * end
-        return Message("attention", {}, [out.transpose(1, 2).reshape(B, T, nh * hd)])
+        return out.transpose(1, 2).reshape(B, T, nh * hd)
+
+    def _op_configure(self, msg: Message) -> Message:
+        self.executor = TorchOps(config_from_hf(dict(msg.args["config"])), self.tensors)
+        return Message("ok")
+
+    def _op_program(self, msg: Message) -> Message:
+        """Run a program of public-model ops (see the module docstring), then forget the values
+        in `free`. Inputs: a value id ≥ 0, or −1 − i for the message's i-th tensor."""
+        ex = self.executor
+        if ex is None:
+            raise ProtocolAbort("program before configure")
+        a = msg.args
+
+        def arg(ref: int) -> torch.Tensor:
+            if ref < 0:
+                if -1 - ref >= len(msg.tensors):
+                    raise ProtocolAbort(f"program: no input tensor {-1 - ref}")
+                return msg.tensors[-1 - ref]
+            if ref not in self.values:
+                raise ProtocolAbort(f"program: no value {ref}")
+            return self.values[ref]
+
+        for step in a["steps"]:
+            op, ins, outs = step["op"], [arg(int(r)) for r in step["in"]], step["out"]
+            if op not in _PROGRAM_OPS:
+                raise ProtocolAbort(f"program: op {op!r} is not one the device runs")
+            if op == "linears":
+                names = tuple(step["names"])
+                for n in names:
+                    w = self._need(f"{n}.weight")
+                    if ins[0].shape[-1] != w.shape[1]:
+                        raise ProtocolAbort(f"linear {n}: input has {ins[0].shape[-1]} features, "
+                                            f"weight takes {w.shape[1]}")
+                    self.flops += 2 * ins[0][..., 0].numel() * w.numel()
+                got = ex.linears(ins[0], names)
+            elif op == "norm":
+                got = (ex.norm(ins[0], step["name"]),)
+            elif op == "rope":
+                got = ex.rope(ins[0], ins[1], Step(ins[2], None, 0))
+            elif op == "attention":
+                got = (self._attend(ins[0], ins[1], ins[2], ins[3] if len(ins) > 3 else None,
+                                    step["layer"], step["start"], step["n_heads"],
+                                    step["head_dim"], step.get("scale")),)
+            else:
+                got = (getattr(ex, op)(*ins),)
+            if len(got) != len(outs):
+                raise ProtocolAbort(f"program: {op} gives {len(got)} values, not {len(outs)}")
+            self.values.update(zip((int(o) for o in outs), got))
+        out = [arg(int(r)) for r in a["outputs"]]
+        # freed after the steps: a value the enclave dropped may still feed this program
+        for i in a.get("free", []):
+            self.values.pop(int(i), None)
+        return Message("program", {}, out)
 
     def view(self) -> View:
         resident = dict(self.tensors)
         if self.cache_k is not None and self.cache_v is not None:
             resident["kv_cache.k"], resident["kv_cache.v"] = self.cache_k, self.cache_v
+        resident.update({f"value.{i}": t for i, t in self.values.items()})
         return View(resident, list(self.received))
 
     def _op_view(self, msg: Message) -> Message:

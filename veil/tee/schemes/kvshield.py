@@ -25,34 +25,35 @@ against the device itself. veil/attacks/kv_inversion.py measures both views.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from veil.backends.plain import TorchOps
 from veil.csprng import SecretRng
 from veil.model.config import ModelConfig
+from veil.model.ops import Step
 from veil.model.weights import Weights
 from veil.tee.mixing import FreshMixings, HeadMixing
 from veil.tee.pads import PadCost
 from veil.tee.process import DeviceHandle
-from veil.tee.runtime import TeeModelOps, attention_calibration
+from veil.tee.deferred import DeferredOps
+from veil.tee.runtime import attention_calibration
 
 # the enclave looks tokens up itself and runs the cheap ops; everything else is public weights
 _ENCLAVE_TABLES = ("embed.weight", "pos_embed.weight")
+_QKV_BIAS = re.compile(r"layers\.\d+\.attn\.[qkv]\.bias")
 
 
 class PublicProtocol:
-    """Linear layers on public weights: the input crosses in the clear and the device's product is
-    the answer, plus the bias (the enclave adds biases — folded ones for transformed q/k/v)."""
+    """The linear protocol of a device holding public weights: nothing to conceal or reveal.
+    (kvshield's Ops send whole programs instead — veil/tee/deferred.py — so only the cost
+    counters read it.)"""
 
     enclave_flops = 0
     overlap_flops = 0
-
-    def __init__(self, biases: dict[str, torch.Tensor]) -> None:
-        self.biases = biases
-        self.folded: dict[str, torch.Tensor] = {}   # name → this conversation's folded bias
 
     def prepare(self, rows: int) -> None:
         """Nothing offline: nothing is masked."""
@@ -61,12 +62,10 @@ class PublicProtocol:
         return None
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.folded.values())
+        return 0
 
     def wipe(self) -> None:
-        for t in self.folded.values():
-            t.zero_()
-        self.folded.clear()
+        """No secrets of its own."""
 
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return x, None
@@ -79,8 +78,7 @@ class PublicProtocol:
 
     def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any = None,
                fetched: torch.Tensor | None = None) -> torch.Tensor:
-        b = self.folded.get(name, self.biases.get(f"{name}.bias"))
-        return y_dev + b if b is not None else y_dev
+        return y_dev
 
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
         raise AssertionError("kvshield keeps the tables in the enclave")
@@ -88,9 +86,9 @@ class PublicProtocol:
 
 @dataclass
 class KvShieldSecrets:
-    """What kvshield's enclave keeps: the embedding tables (so ids stay inside), norms and biases,
-    and per layer the K and V padding scales (the rms of the layer's true rows on random tokens,
-    measured when the model is protected). Nothing here is a transform: those are drawn per
+    """What kvshield's enclave keeps: the embedding tables (so ids stay inside), and per layer the K and V padding scales (the rms of the layer's true rows on random tokens,
+    measured when the model is protected), and the q/k/v biases to fold. Nothing here is a
+    transform: those are drawn per
     conversation and never sealed."""
 
     enclave: dict[str, torch.Tensor]
@@ -111,39 +109,41 @@ class KvShieldSecrets:
 
 def protect_kvshield(cfg: ModelConfig, weights: Weights
                      ) -> tuple[KvShieldSecrets, dict[str, torch.Tensor]]:
-    """The enclave's parameters and the device's weights: every matrix of the public model but
+    """The enclave's parameters and the device's weights: every parameter of the public model but
     the embedding tables (the LM head stays: with tied embeddings the device holds the table as
     the head's weight — the weights are public; the ids are what stays inside)."""
     calib = attention_calibration(cfg, weights, SecretRng())
     scales = torch.stack([torch.stack([c["k"].float().pow(2).mean().sqrt(),
                                        c["v"].float().pow(2).mean().sqrt()]) for c in calib])
-    enclave = {k: v for k, v in weights.items()
-               if "norm" in k or k.endswith(".bias") or k in _ENCLAVE_TABLES}
-    device = {k: v for k, v in weights.items()
-              if k.endswith(".weight") and "norm" not in k and k not in _ENCLAVE_TABLES}
+    # plus the q/k/v biases (public too), which fold=true transforms with the weights
+    enclave = {k: v for k, v in weights.items() if k in _ENCLAVE_TABLES or _QKV_BIAS.match(k)}
+    device = {k: v for k, v in weights.items() if k not in _ENCLAVE_TABLES}
     if cfg.tie_embeddings:
         device["embed.weight"] = weights["embed.weight"]
     return KvShieldSecrets(enclave, scales), device
 
 
-class KvShieldOps(TeeModelOps):
-    """The enclave of kvshield: tables looked up locally, linears on the device's public weights,
-    attention on the device under transforms redrawn for every new cache."""
+class KvShieldOps(DeferredOps):
+    """The enclave of kvshield: tables looked up locally; the public model's work sent to the
+    device as one program per layer (fold) or two (the enclave transforms q/k/v itself);
+    attention on the device under transforms drawn anew for every new cache."""
 
     def __init__(self, cfg: ModelConfig, secrets_: KvShieldSecrets, mixing: str, width: int,
-                 pad_scale: float, fold: bool, device: DeviceHandle, weight_of: Callable[[str], torch.Tensor]) -> None:
-        biases = {k: v for k, v in secrets_.enclave.items() if k.endswith(".bias") and "norm" not in k}
-        protocol = PublicProtocol(biases)
-        super().__init__(cfg, dict(secrets_.enclave), protocol, [], device.channel, "kvshield",
-                         device=device)
-        self.protocol: PublicProtocol = protocol
+                 pad_scale: float, fold: bool, device: DeviceHandle,
+                 weight_of: Callable[[str], torch.Tensor]) -> None:
+        super().__init__(cfg, dict(secrets_.enclave), PublicProtocol(), [], device.channel,
+                         "kvshield", device=device)
         self.scales, self.fold, self.weight_of = secrets_.scales, fold, weight_of
+        # the public q/k/v biases, to fold (the device's copies are replaced by folded ones)
+        self.biases = {k.removesuffix(".bias"): v for k, v in secrets_.enclave.items()
+                       if _QKV_BIAS.match(k)}
         rope_commuting = fold and cfg.position == "rope"
 
         def draw() -> list[HeadMixing]:
             rng = SecretRng()           # a new key per conversation
             return [HeadMixing.sample(cfg, mixing, rng=rng, width=width,
-                                      pad_scales=self.scales[i] * pad_scale, rope_commuting=rope_commuting)
+                                      pad_scales=self.scales[i] * pad_scale,
+                                      rope_commuting=rope_commuting)
                     for i in range(cfg.n_layers)]
 
         self.fresh = FreshMixings(draw)
@@ -155,29 +155,41 @@ class KvShieldOps(TeeModelOps):
             self._send_folded()
 
     def _send_folded(self) -> None:
-        """This conversation's W_q/W_k/W_v (·R, ·R, ·S per head block) to the device; the folded
-        biases stay here (the enclave adds biases)."""
+        """This conversation's W_q/W_k/W_v (·R, ·R, ·S per head block) and biases to the device."""
         hd = self.cfg.head_dim
-        self.protocol.wipe()
         names, tensors = [], []
         for i, mix in enumerate(self.perms):
             for which in "qkv":
                 n = f"layers.{i}.attn.{which}"
-                w, fb = mix.fold(self.weight_of(n), self.protocol.biases.get(f"{n}.bias"), which, hd)
+                w, fb = mix.fold(self.weight_of(n), self.biases.get(n), which, hd)
                 names.append(f"{n}.weight")
                 tensors.append(w)
                 if fb is not None:
-                    self.protocol.folded[n] = fb
+                    names.append(f"{n}.bias")
+                    tensors.append(fb)
         # set-up traffic, not the model's: a frame carries at most 64 tensors
         for s in range(0, len(names), 48):
             self.channel.call_uncounted("put", tensors[s:s + 48], names=names[s:s + 48])
         self.setup_bytes += sum(t.nbytes for t in tensors)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return TorchOps.embed(self, ids)
-
-    def pos_embed(self, positions: torch.Tensor) -> torch.Tensor:
-        return TorchOps.pos_embed(self, positions)
+    def attention(self, layer: int, q: Any, k: Any, v: Any, step: Step, cache: Any) -> torch.Tensor:
+        c = self.cfg
+        hd = c.head_dim
+        mix = self.perms[layer]
+        D = hd + mix.width(hd)
+        B, T = step.positions.shape
+        if self.fold:      # the device's projections applied R and S: its program goes on
+            out = self.device_attention(layer, q, k, v, step, D, 1 / math.sqrt(hd), "attention")
+        else:              # q, k (RoPE'd on the device), v back here, transformed, sent again
+            qt, kt, vt = self.fetch(q, k, v)
+            if mix.rotates:
+                self.mixing_flops += 2 * B * T * (c.n_heads + 2 * c.n_kv_heads) * D * D
+            qd, kd, vd = mix.conceal(qt, kt, vt, hd)
+            out = self.device_attention(layer, qd, kd, vd, step, D, 1 / math.sqrt(hd),
+                                        "attention")
+        if mix.rotates:
+            self.mixing_flops += 2 * B * T * c.n_heads * D * D
+        return mix.reveal(out, hd)                                        # (B, T, nh*hd)
 
 
 def run_kvshield(cfg: ModelConfig, secrets_: KvShieldSecrets, mixing: str, width: int,
