@@ -81,8 +81,9 @@ class HeadMixing:
         # derived, not sealed: the inverse query permutation, and S per slot transposed (= S⁻¹)
         object.__setattr__(self, "_q_inv", torch.argsort(self.q_heads))
         object.__setattr__(self, "_s_t", self.s.transpose(-1, -2))
-        # permutation matrices are gathers on real hardware: data movement, no FLOPs counted
-        object.__setattr__(self, "rotates", bool(((self.r != 0) & (self.r != 1)).any()))
+        # (signed) permutation matrices are gathers on real hardware: data movement, no FLOPs
+        object.__setattr__(self, "rotates", bool(((self.r != 0) & (self.r.abs() != 1)).any()
+                                                 or ((self.s != 0) & (self.s.abs() != 1)).any()))
         # the pads are drawn per token as rows are sent: a keystream of the mixing's own
         object.__setattr__(self, "_pad_rng", SecretRng() if bool((self.scales > 0).any()) else None)
         object.__setattr__(self, "pad_bytes", [0])
