@@ -209,3 +209,10 @@ def test_bad_programs_are_refused():
                        ([{"op": "add", "in": [-1, -3], "out": [1]}], "no input tensor 2")):
         with pytest.raises(ProtocolAbort, match=why):
             state.handle(Message("program", {"steps": steps, "outputs": []}, [x]))
+
+
+def test_no_live_values_stay_on_the_device_between_forwards():
+    """A snapshot between generations finds the cache, not the forward's hidden states."""
+    with veil.load("tiny-llama", scheme="kvshield", record_view=True) as m:
+        m.generate(IDS, max_new_tokens=3, ignore_eos=True)
+        assert not [n for n in m.device_view().resident if n.startswith("value.")]

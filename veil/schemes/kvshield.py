@@ -86,8 +86,8 @@ SUPPORT = {**TorchOps.support, "attention": frozenset({"softmax"}),
 KVSHIELD = Scheme(
     name="kvshield", system="KV-Shield (MobiArch'24)", protects="the conversation (KV cache)",
     trusted="the TEE",
-    sees="public weights; every layer's input in the clear; Q/K/V and the KV cache under "
-         "per-conversation head-block transforms",
+    sees="the public weights; the token embeddings and the hidden states in the clear; Q/K/V "
+         "and the KV cache under per-conversation head-block transforms (padded by default)",
     kind="tee", status="**implemented**", options=KvShieldOptions,
     artifact_options=KvShieldOptions, support=SUPPORT,
     tolerance=Tolerance(tiny=1e-4, default=1e-3),

@@ -77,9 +77,10 @@ class DeferredOps(TeeModelOps):
             self._sources[r.id] = refs
         return tuple(refs)
 
-    def fetch(self, *xs: Value) -> list[torch.Tensor]:
+    def fetch(self, *xs: Value, last: bool = False) -> list[torch.Tensor]:
         """The values of `xs`: one program for all still pending (their siblings — the other
-        outputs of the same step — come along)."""
+        outputs of the same step — come along). `last`: the forward ends with this program, so
+        the device forgets every value it holds once it has answered."""
         want: list[Ref] = []
         for x in xs:
             if isinstance(x, Ref) and x.value is None:
@@ -88,7 +89,8 @@ class DeferredOps(TeeModelOps):
                         want.append(r)
         if want or self._steps:
             msg = Message("program", {"steps": self._steps, "outputs": [r.id for r in want],
-                                      "free": self._dead, "labels": self._labels}, self._inputs)
+                                      "free": self._dead, "labels": self._labels,
+                                      "clear": last}, self._inputs)
             self._dead = []
             self._steps, self._inputs, self._labels, self._sources = [], [], [], {}
             got = self.channel.call("program", msg.tensors, **msg.args).tensors
@@ -138,7 +140,8 @@ class DeferredOps(TeeModelOps):
 
     def lm_head(self, x: Value) -> torch.Tensor:
         name = "embed" if self.cfg.tie_embeddings else "lm_head"
-        return self.fetch(self.linear(x, name))[0]
+        # nothing of this forward stays on the device once the logits are out
+        return self.fetch(self.linear(x, name), last=True)[0]
 
     def device_attention(self, layer: int, q: Value, k: Value, v: Value, step: Step,
                          head_dim: int, scale: float, label: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ Ops (request → reply):
                                        cache (scale: 1/√hd by default; padded head vectors are
                                        longer than the ones whose scores they carry)
   configure args.config (the public HF config) → the device can run the public model's own ops
-  program  args.steps/outputs/free/labels, input tensors → the values of `outputs` after running
+  program  args.steps/outputs/free/labels/clear, input tensors → the values of `outputs` after running
            `steps` (norm, linears, rope, activation, mul, add, last_position on its public
            weights; attention on its cache) over values it keeps between programs until `free`d
            (veil/tee/deferred.py: a scheme whose device holds public weights sends each layer's
@@ -198,7 +198,7 @@ class DeviceState:
 
     def _op_program(self, msg: Message) -> Message:
         """Run a program of public-model ops (see the module docstring), then forget the values
-        in `free`. Inputs: a value id ≥ 0, or −1 − i for the message's i-th tensor."""
+        in `free` (all of them with `clear`: the forward is over). Inputs: a value id ≥ 0, or −1 − i for the message's i-th tensor."""
         ex = self.executor
         if ex is None:
             raise ProtocolAbort("program before configure")
@@ -243,6 +243,8 @@ class DeviceState:
         # freed after the steps: a value the enclave dropped may still feed this program
         for i in a.get("free", []):
             self.values.pop(int(i), None)
+        if a.get("clear"):                  # the enclave's forward is over
+            self.values.clear()
         return Message("program", {}, out)
 
     def view(self) -> View:
