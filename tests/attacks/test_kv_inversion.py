@@ -114,3 +114,9 @@ def test_the_cli_reports_each_attack_and_refuses_schemes_without_a_device_cache(
         res = runner.invoke(app, ["attack", "kv-inversion", "1 2 3", "--model", "tiny-gpt2",
                                   "--scheme", scheme, "-n", "2"])
         assert res.exit_code == 2 and why in res.output
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_plain_keys_give_the_conversation_back_with_rope_undone(preset):
+    ids = _ids(preset, 30, 2)
+    assert _rates(preset, "plain", ids, n=1)["nearest-keys"] >= 0.99

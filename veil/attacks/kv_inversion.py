@@ -8,7 +8,8 @@ vocabulary once and matches the cached rows against it. Two adversary views:
   snapshot  what the device's memory holds at one moment: resident weights and the KV cache
   device    that, plus everything the device received (`record_view=True`)
 The attacks, weakest first (each returns one token per cache slot):
-  nearest   plain cache: nearest neighbour of each value row among the vocabulary's (attack 1)
+  nearest   plain cache: nearest neighbour of each value row among the vocabulary's (attack 1);
+            `nearest-keys` the same on the keys, RoPE undone at each slot's public position
   sorted    head-block permutations: each head's entries sorted are unchanged (attack 2)
   norms     head-block rotations: each head's squared norm is unchanged; with padding, the pad's
             expected energy (estimated from the cache itself) is taken off first (attack 2)
@@ -41,7 +42,7 @@ from scipy.optimize import linear_sum_assignment
 
 import veil
 from veil import schemes
-from veil.backends.plain import TorchOps
+from veil.backends.plain import TorchOps, rope_tables
 from veil.errors import UnsupportedError
 from veil.model.config import ModelConfig
 from veil.model.forward import forward
@@ -72,7 +73,8 @@ class Vocabulary:
                     assert position is not None, "learned positions: give the row's position"
                     x = x + self.weights["pos_embed.weight"][position]
                 h = x if self.cfg.merged else self.ops.norm(x, "layers.0.attn_norm")
-                rows.append(h[0] if what == "inputs" else self.ops.linear(h, "layers.0.attn.v")[0])
+                proj = {"values": "layers.0.attn.v", "keys": "layers.0.attn.k"}.get(what)
+                rows.append(h[0] if proj is None else self.ops.linear(h, proj)[0])
         return torch.cat(rows)
 
     def _key(self, position: int | None) -> int | None:
@@ -84,6 +86,13 @@ class Vocabulary:
         if k not in self._values:
             self._values[k] = self._layer0(k, "values")
         return self._values[k]
+
+    def keys(self, position: int | None = None) -> torch.Tensor:
+        """(V, n_kv_heads·head_dim) layer-0 key rows before RoPE."""
+        k = ("keys", self._key(position))
+        if k not in self._inputs:
+            self._inputs[k] = self._layer0(self._key(position), "keys")
+        return self._inputs[k]
 
     def inputs(self, position: int | None = None) -> torch.Tensor:
         """(V, d) layer 0's input to its q/k/v projections."""
@@ -156,6 +165,27 @@ def invert_values(vocab: Vocabulary, cache_v0: torch.Tensor, positions: list[int
     if vocab.cfg.position != "learned":
         return _sq_dist(got, vocab.values()).argmin(-1).tolist()
     return [int(_sq_dist(got[i:i + 1], vocab.values(p)).argmin()) for i, p in enumerate(positions)]
+
+
+def invert_keys(vocab: Vocabulary, cache_k0: torch.Tensor, positions: list[int]) -> list[int]:
+    """Attack 1 on the keys: undo RoPE at each slot's (public) position — RoPE is a rotation by
+    known angles — and read each row off by nearest neighbour among the vocabulary's keys."""
+    cfg = vocab.cfg
+    n = len(positions)
+    got = _cache_rows(cfg, cache_k0, n)                                     # (n, nkv, hd)
+    if got.shape[-1] != cfg.head_dim:
+        return [-1] * n
+    if cfg.position == "rope":
+        cos, sin = rope_tables(cfg)
+        p = torch.tensor(positions)
+        c, s_ = cos[p][:, None], sin[p][:, None]                            # (n, 1, hd)
+        half = cfg.head_dim // 2
+        rot = torch.cat([-got[..., half:], got[..., :half]], dim=-1)
+        got = got * c - rot * s_                                            # R(−θ)
+    got = got.reshape(n, -1)
+    if cfg.position != "learned":
+        return _sq_dist(got, vocab.keys()).argmin(-1).tolist()
+    return [int(_sq_dist(got[i:i + 1], vocab.keys(p)).argmin()) for i, p in enumerate(positions)]
 
 
 def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -411,6 +441,9 @@ def attack_view(vocab: Vocabulary, view: Any, tokens: list[int], which: str = SN
     if cache is not None:
         v0 = cache[0, 0]
         found.append(("nearest", invert_values(vocab, v0, positions)))
+        if "kv_cache.k" in view.resident:
+            found.append(("nearest-keys", invert_keys(vocab, view.resident["kv_cache.k"][0, 0],
+                                                      positions)))
         found.append(("sorted", invert_sorted(vocab, v0, positions)))
         found.append(("norms", invert_gram(vocab, v0, positions)))
         if anchors:
@@ -420,7 +453,7 @@ def attack_view(vocab: Vocabulary, view: Any, tokens: list[int], which: str = SN
         # each signature attack's guesses refined (the attacker cannot tell which is right)
         found += [(f"procrustes({name})", refine_procrustes(vocab, v0, positions, guess,
                                                             known=anchors))
-                  for name, guess in list(found[1:])]
+                  for name, guess in list(found) if name in ("sorted", "norms", "gram", "pca")]
         wv = view.resident.get("layers.0.attn.v.weight")
         if wv is not None:
             found.append(("folded", invert_folded(vocab, wv, v0, positions)))
