@@ -99,8 +99,9 @@ LORO = Scheme(
         Placement("attention", "device", "Q, K, V under secret head-block orthogonal transforms",
                   "the KV cache under the same transforms",
                   "the conversation: each head's norm survives a rotation, and layer 0's value "
-                  "norms identify every token (veil/attacks/kv_inversion.py: 100% of a 56-token "
-                  "chat on the default model)",
+                  "norms identify every token (veil/attacks/kv_inversion.py: 100% of 50 held-out "
+                  "windows on the default model; a fine-tuned model, the public prior's tables "
+                  "and 8 known tokens: 100%)",
                   holds=("kv_cache.*",), receives=("attention:*",)),
         Placement("activation, residual adds", "enclave", "—", "—"),
         Placement("LM head", "device + enclave", "h + s·g", "E' (tied) or W'_head",
