@@ -278,6 +278,25 @@ def attack_kv_inversion(prompt: str = typer.Argument("My doctor said the biopsy 
     out.print(t)
 
 
+@attack_app.command("peel")
+@_clean_errors
+def attack_peel(victim: str = typer.Argument(..., help="a model fine-tuned from PRIOR"),
+                prior: str = typer.Option("default", help="the public checkpoint")) -> None:
+    """The low-rank peel against LoRO: protect VICTIM with loro's defaults, subtract PRIOR from
+    the device's weights, remove the mask's singular directions; held-out perplexity and top-1
+    of prior, victim and the stolen model (no queries)."""
+    from veil.attacks.steal import evaluate_peel
+
+    r = evaluate_peel(victim, prior)
+    t = Table("model", "held-out ppl", "top-1",
+              title=f"low-rank peel · ranks removed {r['ranks']} · fine-tune delta recovered "
+                    f"{r['delta_recovered_median']:.1%} (median), share of the top-1 gain stolen "
+                    f"{r['gain_stolen']:.0%}")
+    for name, sc in r["scores"].items():
+        t.add_row(name, f"{sc['ppl']:.2f}", f"{sc['top1']:.4f}")
+    out.print(t)
+
+
 @app.command("schemes")
 @_clean_errors
 def schemes_(markdown: bool = typer.Option(False, help="the README's scheme table")) -> None:

@@ -75,7 +75,9 @@ LORO = Scheme(
     name="loro", system="LoRO (NeurIPS'25)", protects="model weights", trusted="the TEE",
     sees="W + γ(BA)ᵀ; activations + one-time pads; Q/K/V and the KV cache under secret "
          "head-block orthogonal transforms; token ids (embedding lookups)",
-    kind="tee", status="**implemented**", options=LoroOptions, artifact_options=LoroRunOptions,
+    kind="tee", status="**implemented**; a model fine-tuned from a public prior is **not** "
+           "protected: the low-rank peel (veil/attacks/steal.py) recovers the fine-tune with no "
+           "queries (#16)", options=LoroOptions, artifact_options=LoroRunOptions,
     support=SUPPORT,
     # the device's float32 products carry terms ~(1+mask_ratio)(1+pad_ratio) ≈ 42× larger than
     # the result: ~1e-5 on the tiny presets, measured 2e-3 on the default model
@@ -88,7 +90,12 @@ LORO = Scheme(
         Placement("norms", "enclave", "—", "—"),
         Placement("q/k/v, o, gate/up, down", "device + enclave",
                   "x + s·g (one-time pad g, s = pad_ratio·RMS(x) rounded up to 2ᵏ)",
-                  "W' = W + γ(BA)ᵀ", "each row's RMS within a factor of 2",
+                  "W' = W + γ(BA)ᵀ",
+                  "each row's RMS within a factor of 2; and, for a model fine-tuned from a "
+                  "public prior, the fine-tune itself: W' − W_prior's top singular directions "
+                  "are the rank-8 mask, and peeling them (veil/attacks/steal.py, no queries) "
+                  "stole a 60-step Shakespeare fine-tune of the default model whole (held-out "
+                  "ppl: prior 105.4, victim 60.3, stolen 60.4)",
                   holds=("layers.*.weight",), receives=("linear:*layers.*",)),
         Placement("pad products g·W'ᵀ (made offline)", "enclave (seal, open)",
                   "sealed rows to store (offline); it returns them with the linear request "
