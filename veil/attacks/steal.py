@@ -8,6 +8,10 @@ a rank-r mask of large norm (LoRO's mask_ratio: ‖γBA‖ ≈ 5.5‖W‖) on to
 whose spectrum is small and spread. A truncated SVD of D removes the mask's r directions (r read
 from the largest gap among the leading singular values) and leaves ΔW minus its share in those
 directions; W_prior + (D − D_r) is the stolen matrix. No queries, no training.
+
+MSP (LoRO's paper) against permutation obfuscation (TLG, ShadowNet's permutation + per-row
+scales): `msp_unpermute` matches the device's rows and columns to the prior's by linear
+assignment and refits the scales; the stolen matrix keeps the device's (fine-tuned) values.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 import veil
 from veil.data import corpus_text
@@ -105,3 +110,49 @@ def evaluate_peel(victim: str, prior: str = "default", window: int = 64, windows
             "delta_recovered_median": statistics.median(recovered),
             "delta_recovered_min": min(recovered),
             "gain_stolen": (scores["stolen"]["top1"] - scores["prior"]["top1"]) / gain if gain else 0.0}
+
+
+@dataclass(frozen=True)
+class Unpermuted:
+    """MSP on one matrix: the device's rows and columns matched to the prior's, and the
+    per-row scales (ShadowNet) re-estimated against the prior by least squares."""
+
+    weight: torch.Tensor          # the stolen matrix, in the prior's row/column order
+    perm_out: torch.Tensor        # device row i holds true row perm_out[i]
+    perm_in: torch.Tensor         # device column j holds true column perm_in[j]
+
+
+def _match(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """For each row of `a`, the row of `b` it is assigned to (max total cosine, one-to-one)."""
+    an = a.double() / a.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
+    bn = b.double() / b.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
+    _, cols = linear_sum_assignment(-(an @ bn.T).numpy())
+    return torch.as_tensor(cols, dtype=torch.long)
+
+
+def msp_unpermute(w_device: torch.Tensor, w_prior: torch.Tensor, rounds: int = 3) -> Unpermuted:
+    """LoRO's MSP against permutation (TLG) and permutation-plus-scale (ShadowNet) obfuscation:
+    rows matched first by a signature a column permutation and a row scale cannot change (each
+    row's entries sorted, after dividing by the row's norm), then columns by cosine against the
+    prior with the rows in place, then rows again by cosine — each a linear assignment. The
+    stolen matrix takes the device's values (the fine-tune), rescaled so that each row fits the
+    prior's row in least squares."""
+    wd = w_device.double()
+    wp = w_prior.double()
+    sig_d = (wd / wd.norm(dim=1, keepdim=True).clamp_min(1e-30)).sort(dim=1).values
+    sig_p = (wp / wp.norm(dim=1, keepdim=True).clamp_min(1e-30)).sort(dim=1).values
+    perm_out = _match(sig_d, sig_p)                       # device row i → true row perm_out[i]
+    for _ in range(rounds):
+        rows = torch.empty_like(wd)
+        rows[perm_out] = wd                               # true row order, columns still permuted
+        perm_in = _match(rows.T, wp.T)                    # device column j → true column
+        cols = torch.empty_like(wd)
+        cols[:, perm_in] = wd
+        new_out = _match(cols, wp)
+        if torch.equal(new_out, perm_out):
+            break
+        perm_out = new_out
+    aligned = torch.empty_like(wd)
+    aligned[perm_out[:, None], perm_in[None, :]] = wd
+    scale = (aligned * wp).sum(1, keepdim=True) / aligned.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
+    return Unpermuted((aligned * scale).float(), perm_out, perm_in)

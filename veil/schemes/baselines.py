@@ -123,7 +123,8 @@ BASELINES = (
     _schemes("tlg", "TransLinkGuard (MM'24)", TlgOptions,
              "permuted weights, permuted inputs; Q/K/V and the KV cache under permutations",
              "x with features permuted",
-             "W[π_out][:, π_in]", "weights up to permutations: undone by MSP", True,
+             "W[π_out][:, π_in]", "weights up to permutations: undone by MSP (veil/attacks/"
+             "steal.py: 100% of rows and columns on the default model's matrices)", True,
              TlgRunOptions),
     _schemes("soter", "SOTER (ATC'22)", SoterOptions,
              "scaled weights (one scalar per matrix); inputs in the clear",
@@ -136,5 +137,6 @@ BASELINES = (
     _schemes("shadownet", "ShadowNet (S&P'23)", BaselineOptions,
              "scaled and permuted weights, permuted inputs", "x with features permuted",
              "diag(s)·W[π_out][:, π_in]",
-             "weights up to scale and permutation: undone by MSP + rescaling", False),
+             "weights up to scale and permutation: undone by MSP + rescaling (veil/attacks/"
+             "steal.py: 100% of rows and columns)", False),
 )
