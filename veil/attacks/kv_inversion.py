@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -48,6 +48,7 @@ from veil.model.config import ModelConfig
 from veil.model.forward import forward
 from veil.model.ops import Step
 from veil.model.weights import Weights
+from veil.tee.device import View
 
 _CHUNK = 4096        # vocabulary rows per product: bounds memory on a 49 152-token vocabulary
 SNAPSHOT, DEVICE = "snapshot", "device"
@@ -60,8 +61,7 @@ class Vocabulary:
     def __init__(self, cfg: ModelConfig, weights: Weights) -> None:
         self.cfg, self.weights = cfg, weights
         self.ops = TorchOps(cfg, weights)
-        self._values: dict[int | None, torch.Tensor] = {}
-        self._inputs: dict[Any, torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def _layer0(self, position: int | None, what: str) -> torch.Tensor:
         table = self.weights["embed.weight"]
@@ -80,39 +80,34 @@ class Vocabulary:
     def _key(self, position: int | None) -> int | None:
         return position if self.cfg.position == "learned" else None
 
+    def _memo(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     def values(self, position: int | None = None) -> torch.Tensor:
         """(V, n_kv_heads·head_dim) layer-0 value rows."""
-        k = self._key(position)
-        if k not in self._values:
-            self._values[k] = self._layer0(k, "values")
-        return self._values[k]
+        p = self._key(position)
+        return self._memo(("values", p), lambda: self._layer0(p, "values"))
 
     def keys(self, position: int | None = None) -> torch.Tensor:
         """(V, n_kv_heads·head_dim) layer-0 key rows before RoPE."""
-        k = ("keys", self._key(position))
-        if k not in self._inputs:
-            self._inputs[k] = self._layer0(self._key(position), "keys")
-        return self._inputs[k]
+        p = self._key(position)
+        return self._memo(("keys", p), lambda: self._layer0(p, "keys"))
 
     def inputs(self, position: int | None = None) -> torch.Tensor:
         """(V, d) layer 0's input to its q/k/v projections."""
-        k = self._key(position)
-        if k not in self._inputs:
-            self._inputs[k] = self._layer0(k, "inputs")
-        return self._inputs[k]
+        p = self._key(position)
+        return self._memo(("inputs", p), lambda: self._layer0(p, "inputs"))
 
     def sorted_inputs(self, position: int | None = None) -> torch.Tensor:
         """inputs() with each row's entries sorted (against inputs whose features were permuted)."""
-        k = ("sorted", self._key(position))
-        if k not in self._inputs:
-            self._inputs[k] = self.inputs(position).sort(dim=-1).values
-        return self._inputs[k]
+        return self._memo(("sorted inputs", self._key(position)),
+                          lambda: self.inputs(position).sort(dim=-1).values)
 
     def sorted_heads(self) -> torch.Tensor:
         """heads() with each head's entries sorted (position-free models)."""
-        if "sorted_heads" not in self._inputs:
-            self._inputs["sorted_heads"] = self.heads().sort(dim=-1).values
-        return self._inputs["sorted_heads"]
+        return self._memo(("sorted heads",), lambda: self.heads().sort(dim=-1).values)
 
     def heads(self, position: int | None = None) -> torch.Tensor:
         """(V, n_kv_heads, head_dim)."""
@@ -410,22 +405,29 @@ def record(model: str, scheme: str, ids: list[int], max_new_tokens: int, **optio
            ) -> tuple[Any, list[int]]:
     """Generate under `scheme`; return the untrusted side's view (veil.tee.device.View; under
     `plain` the host, whose memory holds the plain cache) and the true tokens in its cache slots."""
-    from veil.tee.device import View
-
     if scheme == "plain":
         with veil.load(model) as m:
             tokens = ids + m.generate(ids, max_new_tokens=max_new_tokens,
                                       ignore_eos=True).token_ids[:-1]
-            cache = m.ops.new_cache(1, len(tokens))
-            with torch.inference_mode():
-                forward(m.cfg, m.ops, torch.tensor([tokens]),
-                        Step(torch.arange(len(tokens))[None], None, 0), cache)
-            return View({"kv_cache.k": cache.k, "kv_cache.v": cache.v}), tokens
-    if "record_view" not in {f.name for f in fields(schemes.get(scheme).options)}:
-        raise UnsupportedError(f"scheme {scheme!r} has no untrusted device holding a KV cache")
+            return _host_view(m, tokens), tokens
+    _check_device_cache(scheme)
     with veil.load(model, scheme=scheme, record_view=True, **options) as m:
         r = m.generate(ids, max_new_tokens=max_new_tokens, ignore_eos=True)
         return m.device_view(), ids + r.token_ids[:-1]
+
+
+def _host_view(m: Any, tokens: list[int]) -> View:
+    """The host's memory under `plain`: the plain KV cache of `tokens` (one prefill)."""
+    cache = m.ops.new_cache(1, len(tokens))
+    with torch.inference_mode():
+        forward(m.cfg, m.ops, torch.tensor([tokens]),
+                Step(torch.arange(len(tokens))[None], None, 0), cache)
+    return View({"kv_cache.k": cache.k, "kv_cache.v": cache.v})
+
+
+def _check_device_cache(scheme: str) -> None:
+    if "record_view" not in {f.name for f in fields(schemes.get(scheme).options)}:
+        raise UnsupportedError(f"scheme {scheme!r} has no untrusted device holding a KV cache")
 
 
 def attack_view(vocab: Vocabulary, view: Any, tokens: list[int], which: str = SNAPSHOT,
@@ -473,23 +475,16 @@ class Recorder:
     so each view is one conversation's."""
 
     def __init__(self, model: str, scheme: str, **options: Any) -> None:
-        if scheme != "plain" and "record_view" not in {f.name for f in
-                                                        fields(schemes.get(scheme).options)}:
-            raise UnsupportedError(f"scheme {scheme!r} has no untrusted device holding a KV cache")
+        if scheme != "plain":
+            _check_device_cache(scheme)
         extra = {} if scheme == "plain" else {"record_view": True, "device": "thread"}
         self.scheme = scheme
         self.model = veil.load(model, scheme=scheme, **extra, **options)
 
-    def view(self, ids: list[int]) -> Any:
-        from veil.tee.device import View
-
+    def view(self, ids: list[int]) -> View:
         m = self.model
         if self.scheme == "plain":
-            cache = m.ops.new_cache(1, len(ids))
-            with torch.inference_mode():
-                forward(m.cfg, m.ops, torch.tensor([ids]),
-                        Step(torch.arange(len(ids))[None], None, 0), cache)
-            return View({"kv_cache.k": cache.k, "kv_cache.v": cache.v})
+            return _host_view(m, ids)
         m.ops.device_state.received.clear()
         m.generate(ids, max_new_tokens=1, ignore_eos=True)        # the prefill fills the cache
         return m.device_view()

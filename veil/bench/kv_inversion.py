@@ -100,24 +100,23 @@ def _measure(model_name: str, vocab: Vocabulary, wins: list[list[int]], known: i
     return out
 
 
+def _summary(attacks: dict[str, list[float]]) -> dict[str, Any]:
+    """Per-window rates by attack → the attack with the best mean, its mean, range and share of
+    windows read whole, and every attack's mean (nothing to attack: best None)."""
+    if not attacks:
+        return {"best": None, "mean": 0.0, "min": 0.0, "max": 0.0, "whole_windows": 0.0,
+                "attacks": {}}
+    best = max(attacks, key=lambda a: statistics.mean(attacks[a]))
+    rates = attacks[best]
+    return {"best": best, "mean": statistics.mean(rates), "min": min(rates), "max": max(rates),
+            "whole_windows": sum(r == 1.0 for r in rates) / len(rates),
+            "attacks": {a: statistics.mean(v) for a, v in attacks.items()}}
+
+
 def _rows(measured: dict[str, Any], window: int, known: int) -> list[dict[str, Any]]:
-    rows = []
-    for label, m in measured.items():
-        for view in (SNAPSHOT, DEVICE):
-            attacks = m["attacks"][view]
-            if not attacks:
-                rows.append({"label": label, "scheme": m["scheme"], "view": view, "best": None,
-                             "mean": 0.0, "min": 0.0, "max": 0.0, "whole_windows": 0.0,
-                             "attacks": {}})
-                continue
-            best = max(attacks, key=lambda a: statistics.mean(attacks[a]))
-            rates = attacks[best]
-            rows.append({"label": label, "scheme": m["scheme"], "options": m["options"],
-                         "view": view, "window": window, "known": known, "best": best,
-                         "mean": statistics.mean(rates), "min": min(rates), "max": max(rates),
-                         "whole_windows": sum(r == 1.0 for r in rates) / len(rates),
-                         "attacks": {a: statistics.mean(v) for a, v in attacks.items()}})
-    return rows
+    return [{"label": label, "scheme": m["scheme"], "options": m["options"], "view": view,
+             "window": window, "known": known, **_summary(m["attacks"][view])}
+            for label, m in measured.items() for view in (SNAPSHOT, DEVICE)]
 
 
 def private_rows(model: str, steps: int, wins: list[list[int]], known: int
@@ -143,12 +142,7 @@ def private_rows(model: str, steps: int, wins: list[list[int]], known: int
                 for seen, ids in zip(views, wins):
                     for r in attack_view(vocab, seen, ids, SNAPSHOT, known):
                         per.setdefault(r.attack, []).append(r.recovered)
-                best = max(per, key=lambda a: statistics.mean(per[a]))
-                rows.append({"label": label, "tables": which, "best": best,
-                             "mean": statistics.mean(per[best]), "min": min(per[best]),
-                             "max": max(per[best]),
-                             "whole_windows": sum(r == 1.0 for r in per[best]) / len(per[best]),
-                             "attacks": {a: statistics.mean(v) for a, v in per.items()}})
+                rows.append({"label": label, "tables": which, **_summary(per)})
     return rows, ppl
 
 

@@ -9,9 +9,7 @@ low-rank correction): requests are sent first, the scheme's `precompute` runs, t
 Attention runs on the device under secret head-block transforms (veil/tee/mixing.py): Q·Kᵀ per
 head is unchanged, so the device's softmax is exact; the enclave applies RoPE before the transform
 and undoes the V transform on the output. A scheme may redraw the transforms at every new KV cache
-(`fresh`: one conversation's cache then shares nothing secret with the next one's), or have them
-folded into the device's Q/K/V weights (`qkv_folded`: the device's projections already send
-transformed rows, so the enclave only undoes V's).
+(`fresh`: one conversation's cache then shares nothing secret with the next one's).
 """
 
 from __future__ import annotations
@@ -92,7 +90,6 @@ class EnclaveOps(TorchOps):
         # every layer's mixing drawn anew for each new cache (None: the sealed ones, always)
         self.fresh: FreshMixings | None = None
         self.setup_bytes = 0        # per-conversation set-up traffic (folded weights)
-        self.qkv_folded = False     # the device's q/k/v weights carry the transform already
 
     def cost_counters(self) -> SplitCost:
         """Running totals of this enclave's traffic and work, and the device's as it reports
@@ -177,26 +174,35 @@ class EnclaveOps(TorchOps):
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.linears(x, (name,))[0]
 
+    def mix_in(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> list[torch.Tensor]:
+        """Q, K, V as the device may see them (this layer's head mixing), its cost counted: one
+        D×D product per head and token when the mixing rotates."""
+        mix, c = self.perms[layer], self.cfg
+        D = c.head_dim + mix.width(c.head_dim)
+        if mix.rotates:
+            self.mixing_flops += 2 * q.shape[0] * q.shape[1] * (c.n_heads + 2 * c.n_kv_heads) * D * D
+        return list(mix.conceal(q, k, v, c.head_dim))
+
+    def mix_out(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The device's attention output back to the true heads, its cost counted."""
+        mix, c = self.perms[layer], self.cfg
+        D = c.head_dim + mix.width(c.head_dim)
+        if mix.rotates:
+            self.mixing_flops += 2 * out.shape[0] * out.shape[1] * c.n_heads * D * D
+        return mix.reveal(out, c.head_dim)                                # (B, T, nh*hd)
+
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   step: Step, cache: Any) -> torch.Tensor:
         c = self.cfg
         hd = c.head_dim
-        mix = self.perms[layer]
-        D = hd + mix.width(hd)
-        if self.qkv_folded:       # the device's projections applied R and S: nothing to conceal
-            tensors = [q, k, v]
-        else:
-            # Q, K, V in, one D×D product per head and token
-            if mix.rotates:
-                self.mixing_flops += 2 * q.shape[0] * q.shape[1] * (c.n_heads + 2 * c.n_kv_heads) * D * D
-            tensors = list(mix.conceal(q, k, v, hd))
-        if mix.rotates:           # and the output back
-            self.mixing_flops += 2 * q.shape[0] * q.shape[1] * c.n_heads * D * D
+        tensors = self.mix_in(layer, q, k, v)
         if step.key_valid is not None:
             tensors.append(step.key_valid)
         out = self.channel.call("attention", tensors, layer=layer, start=step.start,
-                                n_heads=c.n_heads, head_dim=D, scale=1 / math.sqrt(hd)).tensors[0]
-        return mix.reveal(out, hd)                                        # (B, T, nh*hd)
+                                n_heads=c.n_heads, head_dim=hd + self.perms[layer].width(hd),
+                                scale=1 / math.sqrt(hd)).tensors[0]
+        return self.mix_out(layer, out)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         name = "embed" if self.cfg.tie_embeddings else "lm_head"

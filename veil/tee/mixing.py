@@ -104,8 +104,7 @@ class HeadMixing:
         64-dim head and its transform has a spread of ~0.1); with calibration, each R_g and S_g
         is redrawn until that alignment is below `tol`, so the device's copy is decorrelated
         from the true tensors, not just scrambled. The constraint is one scalar per matrix.
-        width, pad_scales (padded): the added dimensions, and the K and V pad std (2,) — from
-        `calib` (the rows' rms) when not given.
+        width, pad_scales (padded): the added dimensions, and the K and V pad std (2,).
         rope_commuting: R_g from the RoPE-commuting family (for transforms folded into weights)."""
         if kind not in KINDS:
             raise ValueError(f"unknown mixing {kind!r} (one of {', '.join(KINDS)})")
@@ -113,8 +112,8 @@ class HeadMixing:
         G = nh // nkv
         rng = SecretRng() if rng is None else rng
         padded = kind == "padded"
-        if padded and (width < 1 or (calib is None and pad_scales is None)):
-            raise ValueError("padded mixing needs width ≥ 1 and pad scales (or calibration rows)")
+        if padded and (width < 1 or pad_scales is None):
+            raise ValueError("padded mixing needs width ≥ 1 and pad scales")
         if padded and rope_commuting:
             raise ValueError("padded mixing cannot be folded into weights")
         D = hd + (width if padded else 0)
@@ -159,13 +158,7 @@ class HeadMixing:
             # extended rotation is not orthogonal on its own)
             R = [one(True) for _ in range(nkv)]
             S = [one(False) for _ in range(nkv)]
-        scales = torch.zeros(2)
-        if padded and pad_scales is not None:
-            scales = pad_scales.float().clone()
-        elif padded:
-            assert calib is not None
-            scales = torch.stack([calib["k"].float().pow(2).mean().sqrt(),
-                                  calib["v"].float().pow(2).mean().sqrt()])
+        scales = pad_scales.float().clone() if padded and pad_scales is not None else torch.zeros(2)
         # stored in slot order: slot j holds true KV group sigma[j]
         return HeadMixing(q_heads, sigma, torch.stack([R[g] for g in sigma.tolist()]),
                           torch.stack([S[g] for g in sigma.tolist()]), scales)
@@ -258,7 +251,7 @@ class FreshMixings:
         t0 = time.thread_time()
         try:
             self._next = self._draw()
-        except BaseException as exc:      # handed to the caller of take()
+        except Exception as exc:          # handed to the caller of take()
             self._error = exc
         self.seconds += time.thread_time() - t0
 
@@ -284,10 +277,10 @@ class FreshMixings:
         return out
 
     def close(self) -> None:
-        """Stop drawing and wipe the set drawn ahead."""
-        try:
-            pending = self._wait()
-        except BaseException:
-            pending = None
-        for p in pending or ():
+        """Stop drawing and wipe the set drawn ahead (a failed draw left nothing to wipe)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for p in self._next or ():
             p.wipe()
+        self._next = None

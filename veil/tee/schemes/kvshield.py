@@ -147,7 +147,6 @@ class KvShieldOps(DeferredOps):
                     for i in range(cfg.n_layers)]
 
         self.fresh = FreshMixings(draw)
-        self.qkv_folded = fold
 
     def new_cache(self, batch: int, capacity: int) -> None:
         super().new_cache(batch, capacity)
@@ -173,23 +172,13 @@ class KvShieldOps(DeferredOps):
         self.setup_bytes += sum(t.nbytes for t in tensors)
 
     def attention(self, layer: int, q: Any, k: Any, v: Any, step: Step, cache: Any) -> torch.Tensor:
-        c = self.cfg
-        hd = c.head_dim
-        mix = self.perms[layer]
-        D = hd + mix.width(hd)
-        B, T = step.positions.shape
-        if self.fold:      # the device's projections applied R and S: its program goes on
-            out = self.device_attention(layer, q, k, v, step, D, 1 / math.sqrt(hd), "attention")
-        else:              # q, k (RoPE'd on the device), v back here, transformed, sent again
-            qt, kt, vt = self.fetch(q, k, v)
-            if mix.rotates:
-                self.mixing_flops += 2 * B * T * (c.n_heads + 2 * c.n_kv_heads) * D * D
-            qd, kd, vd = mix.conceal(qt, kt, vt, hd)
-            out = self.device_attention(layer, qd, kd, vd, step, D, 1 / math.sqrt(hd),
-                                        "attention")
-        if mix.rotates:
-            self.mixing_flops += 2 * B * T * c.n_heads * D * D
-        return mix.reveal(out, hd)                                        # (B, T, nh*hd)
+        hd = self.cfg.head_dim
+        D = hd + self.perms[layer].width(hd)
+        if not self.fold:  # q, k (RoPE'd on the device), v back here, transformed, sent again
+            q, k, v = self.mix_in(layer, *self.fetch(q, k, v))
+        # (folded: the device's projections applied R and S — its program goes on)
+        out = self.device_attention(layer, q, k, v, step, D, 1 / math.sqrt(hd), "attention")
+        return self.mix_out(layer, out)
 
 
 def run_kvshield(cfg: ModelConfig, secrets_: KvShieldSecrets, mixing: str, width: int,
