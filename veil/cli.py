@@ -201,6 +201,27 @@ def train_merge(model: str = typer.Option("default"),
           "--scheme mpc)")
 
 
+@train_app.command("finetune")
+@_clean_errors
+def train_finetune(model: str = typer.Option("default"),
+                   corpus: str = typer.Option("shakespeare"),
+                   steps: int = typer.Option(200, help="AdamW steps"),
+                   batch: int = typer.Option(8), seq: int = typer.Option(64),
+                   lr: float = typer.Option(1e-4),
+                   out_dir: Optional[str] = typer.Option(None, "--out",
+                                                         help="model folder (default: in the cache)"),
+                   ) -> None:
+    """A full fine-tune of MODEL on CORPUS's train split, saved as a veil model folder: the
+    private model a TEE scheme protects (`veil attack steal`). Resumable: run it again."""
+    from pathlib import Path
+
+    from veil.train.finetune import finetune, finetune_settings
+
+    folder = finetune(model, steps, corpus, Path(out_dir) if out_dir else None,
+                      finetune_settings(steps, batch, seq, lr))
+    print(f"fine-tuned model → {folder}   (veil eval ppl --model {folder})")
+
+
 @app.command()
 @_clean_errors
 def protect(model: str = typer.Argument("default"),
@@ -297,6 +318,46 @@ def attack_peel(victim: str = typer.Argument(..., help="a model fine-tuned from 
     out.print(t)
 
 
+@attack_app.command("steal")
+@_clean_errors
+def attack_steal(scheme: str = typer.Option("loro", "--scheme", "-s"),
+                 victim: Optional[str] = typer.Option(None, help="a model fine-tuned from PRIOR "
+                                                      "(default: `veil train finetune`'s, made "
+                                                      "if missing)"),
+                 prior: str = typer.Option("default", help="the public checkpoint"),
+                 seeds: int = typer.Option(1, help="repeats: new scheme secrets, new queries"),
+                 set_: list[str] = typer.Option([], "--set", help=_SET_HELP)) -> None:
+    """Model stealing with the public prior: protect VICTIM under SCHEME, read the device's
+    resident tensors, run MSP (the peel for loro) and score prior, victim, the black-box copy
+    (distilled on 10% of the fine-tune's data), MSP and MSP + the same distillation on 32
+    held-out 128-token windows."""
+    from veil.bench.stealing import Evaluation, _metrics
+    from veil.train.finetune import finetune
+
+    folder = victim or str(finetune(prior, 200))
+    options = _scheme_options(set_)
+    ev = Evaluation(folder, prior)
+    t = Table("contender", "seed", "held-out ppl", "top-1", "agreement with victim",
+              "× black-box", "share of the gain",
+              title=f"stealing {folder} under {scheme} with the prior {prior}")
+    t.add_row("prior", "", f"{ev.prior['ppl']:.2f}", f"{ev.prior['top1']:.4f}",
+              f"{ev.prior['agreement']:.3f}", "", "0%")
+    t.add_row("victim", "", f"{ev.victim['ppl']:.2f}", f"{ev.victim['top1']:.4f}", "1.000", "",
+              "100%")
+    for seed in range(seeds):
+        bb = ev.blackbox(seed)
+        r = ev.steal(scheme, options, seed, bb["top1"])
+        rows = [("black-box", bb), ("msp", r["msp"])] + ([("msp+ft", r["msp+ft"])]
+                                                         if "msp+ft" in r else [])
+        for name, m in rows:
+            m = _metrics(m, ev.prior, ev.victim, bb["top1"])
+            ratio = m["vs_blackbox"]
+            t.add_row(name, str(seed), f"{m['ppl']:.2f}", f"{m['top1']:.4f}",
+                      f"{m['agreement']:.3f}", f"{ratio:.3f}" if ratio is not None else "—",
+                      f"{m['gain_stolen']:.0%}")
+    out.print(t)
+
+
 @app.command("schemes")
 @_clean_errors
 def schemes_(markdown: bool = typer.Option(False, help="the README's scheme table")) -> None:
@@ -327,9 +388,11 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
           out_dir: str = typer.Option("benchmarks/results", "--out"),
           hardware: Optional[str] = typer.Option(None, help="tee suite: hardware profile (JSON) "
                                                  "to project onto")) -> None:
-    """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused, kv-inversion); write JSON, a
+    """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused, kv-inversion, stealing); write JSON, a
     markdown table (and a plot). kv-inversion: every KV-cache attack against every scheme with a
-    device cache, 50 held-out windows (about an hour on the default model). mpc: MERGE's Table 1 on GPT-2-base shapes, costs by category — long (over an hour
+    device cache, 50 held-out windows (about an hour on the default model). stealing: MSP and
+    the peel against every TEE scheme protecting a fine-tune of the default model, 3 seeds (about
+    an hour and a half; resumable). mpc: MERGE's Table 1 on GPT-2-base shapes, costs by category — long (over an hour
     here); mpc-fused: the same contenders timed as generation runs them, plus vanilla and MERGE
     with the logits revealed to the client (about an hour); a subset with
     `python -m veil.bench.mpc 64,128 vanilla,merge+logits --fused [--update]`."""

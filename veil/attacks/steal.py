@@ -36,11 +36,15 @@ from veil.tee.runtime import protect_loro
 from veil.tee.schemes.loro import LoroConfig
 
 
-def mask_rank(s: torch.Tensor, max_rank: int = 64) -> int:
+def mask_rank(s: torch.Tensor, max_rank: int = 256) -> int:
     """The rank of a large low-rank mask on top of a small spread spectrum: the index of the
-    largest ratio between consecutive singular values among the first `max_rank`."""
-    s = s[: max_rank + 1].double()
-    ratios = s[:-1] / s[1:].clamp_min(1e-30)
+    largest ratio between consecutive singular values among the first `max_rank` (at most half
+    the spectrum: a thin matrix's last values fall off on their own)."""
+    s = s[: min(max_rank, len(s) // 2) + 1].double()
+    # below float32's resolution of the largest value a singular value is rounding, not data:
+    # an exactly low-rank D ends in a gap to that floor
+    s = s.clamp_min(float(s[0]) * 1e-6)
+    ratios = s[:-1] / s[1:]
     return int(ratios.argmax()) + 1
 
 
@@ -130,7 +134,8 @@ def _match(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def msp_unpermute(w_device: torch.Tensor, w_prior: torch.Tensor, rounds: int = 3) -> Unpermuted:
+def msp_unpermute(w_device: torch.Tensor, w_prior: torch.Tensor, rounds: int = 3,
+                  rescale: bool = True) -> Unpermuted:
     """LoRO's MSP against permutation (TLG) and permutation-plus-scale (ShadowNet) obfuscation:
     rows matched first by a signature a column permutation and a row scale cannot change (each
     row's entries sorted, after dividing by the row's norm), then columns by cosine against the
@@ -154,5 +159,82 @@ def msp_unpermute(w_device: torch.Tensor, w_prior: torch.Tensor, rounds: int = 3
         perm_out = new_out
     aligned = torch.empty_like(wd)
     aligned[perm_out[:, None], perm_in[None, :]] = wd
+    if not rescale:         # TLG: no scales to undo, the device's values are the victim's
+        return Unpermuted(aligned.float(), perm_out, perm_in)
     scale = (aligned * wp).sum(1, keepdim=True) / aligned.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
     return Unpermuted((aligned * scale).float(), perm_out, perm_in)
+
+
+def msp_rescale(w_device: torch.Tensor, w_prior: torch.Tensor) -> torch.Tensor:
+    """MSP against one secret scalar per matrix (SOTER): W'·μ̂, μ̂ = ⟨W', W_prior⟩ / ‖W'‖², the
+    least-squares fit of the device's matrix to the prior's (sign included)."""
+    wd = w_device.double()
+    mu = float((wd * w_prior.double()).sum() / wd.pow(2).sum().clamp_min(1e-30))
+    return (wd * mu).float()
+
+
+def msp_reset_outliers(w_device: torch.Tensor, w_prior: torch.Tensor, z: float = 8.0
+                       ) -> tuple[torch.Tensor, int]:
+    """MSP against sparse noise (NNSplitter): entries where |W' − W_prior| is an outlier — more
+    than `z` robust standard deviations (1.4826 × the median absolute difference) — are reset to
+    the prior's value; the rest keep the device's (fine-tuned) value. Returns the matrix and the
+    number of entries reset."""
+    d = (w_device.double() - w_prior.double())
+    sigma = 1.4826 * float(d.abs().median()) + 1e-12
+    out = d.abs() > z * sigma
+    stolen = torch.where(out, w_prior.double(), w_device.double())
+    return stolen.float(), int(out.sum())
+
+
+# What MSP does to a matrix on the device, per scheme (the scheme is public: Kerckhoffs).
+# Matrices the device does not hold (kept in the enclave) are taken from the prior.
+MSP_METHODS = {"tlg": "unpermute", "shadownet": "unpermute+rescale", "soter": "rescale",
+               "nnsplitter": "reset outliers", "loro": "low-rank peel", "shielded": "prior"}
+
+
+@dataclass
+class Stolen:
+    """A whole stolen model: its weights (the prior's where the device showed nothing) and, per
+    matrix taken from the device, how it was recovered."""
+
+    weights: Weights
+    method: dict[str, str]
+
+
+def msp_model(scheme: str, resident: dict[str, torch.Tensor], prior: Weights,
+              peel_rank: int | None = None) -> Stolen:
+    """MSP (LoRO's paper; the peel for LoRO) over everything the device holds: every matrix of
+    `resident` that has the prior's name and shape is recovered by the scheme's method, every
+    other parameter is the prior's."""
+    if scheme not in MSP_METHODS:
+        raise ValueError(f"no MSP for scheme {scheme!r} (known: {', '.join(MSP_METHODS)})")
+    stolen = {k: v.clone() for k, v in prior.items()}
+    method: dict[str, str] = {}
+    for name, w in resident.items():
+        if name not in prior or w.shape != prior[name].shape or w.dim() != 2:
+            continue
+        p = prior[name]
+        if scheme == "loro":
+            peeled = peel(w, p, peel_rank)
+            stolen[name], method[name] = peeled.weight, f"peel r={peeled.rank}"
+        elif scheme in ("tlg", "shadownet"):
+            u = msp_unpermute(w, p, rescale=scheme == "shadownet")
+            stolen[name], method[name] = u.weight, MSP_METHODS[scheme]
+        elif scheme == "soter":
+            stolen[name], method[name] = msp_rescale(w, p), "rescale"
+        elif scheme == "nnsplitter":
+            stolen[name], k = msp_reset_outliers(w, p)
+            method[name] = f"reset {k}"
+    return Stolen(stolen, method)
+
+
+def rows_in_place(stolen: torch.Tensor, victim: torch.Tensor) -> tuple[float, float]:
+    """The share of the stolen matrix's rows, and of its columns, whose most similar (cosine)
+    row/column of the victim's matrix is the one at the same index: 1.0 when every permutation
+    was undone."""
+    def share(a: torch.Tensor, b: torch.Tensor) -> float:
+        an = a.double() / a.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
+        bn = b.double() / b.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
+        best = (an @ bn.T).argmax(dim=1)
+        return float((best == torch.arange(len(a))).double().mean())
+    return share(stolen, victim), share(stolen.T, victim.T)

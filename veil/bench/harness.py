@@ -22,12 +22,13 @@ import torch
 
 from veil.bench import kv_inversion
 from veil.bench import mpc as mpc_bench
+from veil.bench import stealing
 from veil.bench.spec import WorkerSpec
 from veil.bench.tee import rows_and_table
 from veil.tee.latency import DEFAULT_HARDWARE, load_hardware
 from veil.errors import ConfigError
 
-SUITES = ("plain-vs-hf", "tee", "mpc", "mpc-fused", "kv-inversion")
+SUITES = ("plain-vs-hf", "tee", "mpc", "mpc-fused", "kv-inversion", "stealing")
 
 
 def _worker(mode: str, model: str, repeats: int, new_tokens: int,
@@ -111,6 +112,9 @@ def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: 
         raise ConfigError("repeats must be ≥ 1 and new_tokens ≥ 2")
     if suite == "kv-inversion":   # attacks' figures, not speed: bench/kv_inversion.py
         return kv_inversion.run(model, out_dir=out_dir)
+    if suite == "stealing":       # attacks' figures: bench/stealing.py
+        out = Path(out_dir)
+        return stealing.write(stealing.run(model, 200, repeats, out / "stealing.json"), out)
     if suite in ("mpc", "mpc-fused"):   # own sweeps (GPT-2-base shapes, MSL 64–512): bench/mpc.py
         return mpc_bench.run(out_dir=out_dir, fused=suite == "mpc-fused")
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU",

@@ -27,10 +27,7 @@ import veil
 from veil.attacks.kv_inversion import DEVICE, SNAPSHOT, Recorder, Vocabulary, attack_view
 from veil.data import corpus_text
 from veil.eval import perplexity
-from veil.model import native, zoo
-from veil.model.opening import open_model
-from veil.train.merge_recipe import ce_loss, corpus_tokens
-from veil.train.trainer import Run, TrainSettings, train
+from veil.train.finetune import finetune
 
 # (label, scheme, options): the registry's defaults first, then each mode an attacker might meet
 CONTENDERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -55,17 +52,7 @@ PRIVATE_CONTENDERS = (("plain", "plain", {}), ("loro", "loro", {}), ("tlg", "tlg
 def victim(model: str, steps: int) -> Path:
     """`model` fully fine-tuned on the Shakespeare train split (`steps` AdamW steps of 8 × 64
     tokens, lr 1e-4), saved as a veil model folder in the cache (made once)."""
-    out = zoo.cache_dir() / "victims" / f"{Path(model).name}-shakespeare-{steps}"
-    if (out / "model.safetensors").is_file():
-        return out
-    opened = open_model(model)
-    tokens = corpus_tokens(opened.tokenizer, "shakespeare", "train", 3_000_000)
-    w = {k: v.clone().float() for k, v in opened.weights.items()}
-    s = TrainSettings(steps=steps, batch=8, seq=64, lr=1e-4)
-    train(w, ce_loss(opened.cfg), tokens, s, Run(out.with_name(out.name + ".run"), s,
-                                                 {"model": model}), "fine-tune", progress=False)
-    return native.save_native(out, opened.cfg, {k: v.detach() for k, v in w.items()},
-                              opened.folder)
+    return finetune(model, steps, progress=False)
 
 
 def windows(model: Any, count: int, length: int) -> tuple[list[list[int]], str]:

@@ -17,6 +17,7 @@ from veil.backends.recording import RecordingOps
 from veil.csprng import SecretRng
 from veil.errors import ConfigError, IntegrityError
 from veil.model.forward import forward
+from veil.model.opening import open_model
 from veil.model.ops import Step
 from veil.model.config import ModelConfig
 from veil.model.weights import Weights, read_safetensors
@@ -98,7 +99,11 @@ def protect_loro(cfg: ModelConfig, weights: Weights,
                  lcfg: LoroConfig) -> tuple[LoroSecrets, dict[str, torch.Tensor]]:
     """The offline step (in the TEE, at the owner's): secrets to seal, and the device's weights."""
     rng = SecretRng()
-    bank = make_factors(cfg, weights, lcfg, rng)
+    prior = None
+    if lcfg.mask == "delta":
+        # the public checkpoint the owner fine-tuned from: only its weights are read
+        prior = open_model(lcfg.prior).weights
+    bank = make_factors(cfg, weights, lcfg, rng, prior)
     device_weights = masked_weights(cfg, weights, bank)
     calib = attention_calibration(cfg, weights, rng)
     perms = [HeadMixing.sample(cfg, lcfg.attention_mixing, calib[i], rng=rng)

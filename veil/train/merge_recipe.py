@@ -81,13 +81,18 @@ def _steps(T: int, B: int) -> Step:
     return Step(torch.arange(T).expand(B, T), None, 0)
 
 
+def sequence_logits(cfg: ModelConfig, params: Weights, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits of whole windows through veil's forward (differentiable; no KV cache)."""
+    ops = TorchOps(cfg, params)
+    B, T = ids.shape
+    return ops.lm_head(hidden_states(cfg, ops, ids, _steps(T, B), TrainCache(cfg, B, T)))
+
+
 def ce_loss(cfg: ModelConfig) -> callable:
     """Stage 1: next-token cross-entropy through veil's forward."""
     def loss(params: Weights, ids: torch.Tensor, gen: torch.Generator):
-        ops = TorchOps(cfg, params)
-        B, T = ids.shape
-        h = hidden_states(cfg, ops, ids, _steps(T, B), TrainCache(cfg, B, T))
-        ce = F.cross_entropy(ops.lm_head(h[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        logits = sequence_logits(cfg, params, ids)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         return ce, {"ce": float(ce.detach())}
     return loss
 

@@ -130,8 +130,11 @@ class Run:
 
 def train(params: Weights, loss_fn: LossFn, tokens: np.ndarray, s: TrainSettings, run: Run,
           desc: str = "train", trainable: Callable[[str], bool] = lambda name: True,
-          progress: bool = True) -> list[dict]:
-    """Optimise `params` in place (AdamW) from the run's last checkpoint to `s.steps`."""
+          progress: bool = True, batches: Callable[[int], torch.Tensor] | None = None
+          ) -> list[dict]:
+    """Optimise `params` in place (AdamW) from the run's last checkpoint to `s.steps`. Each
+    step's batch: random windows of `tokens` (`batch_at`), or `batches(step)` when given (a pure
+    function of the step, so a resumed run sees the same batches)."""
     from tqdm import tqdm
 
     names = [n for n in sorted(params) if trainable(n)]
@@ -146,7 +149,8 @@ def train(params: Weights, loss_fn: LossFn, tokens: np.ndarray, s: TrainSettings
             g["lr"] = _lr(step, s)
         gen.manual_seed(s.seed * 1_000_003 + step)
         t0 = time.perf_counter()
-        loss, metrics = loss_fn(params, batch_at(tokens, step, s), gen)
+        ids = batches(step) if batches is not None else batch_at(tokens, step, s)
+        loss, metrics = loss_fn(params, ids, gen)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise ConfigError(f"{desc}: loss became {value} at step {step} (lower the lr?)")

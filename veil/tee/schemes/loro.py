@@ -49,24 +49,46 @@ class LoroConfig:
     """LoRO's public settings (what `veil protect` records beside the sealed secrets)."""
 
     rank: int = 8
-    bank: int = 4           # cornerstone factors per dimension; 0 = independent factors per matrix
+    # cornerstone factors per dimension; 0 = independent factors per matrix; None: 4 for random
+    # masks, 0 for delta masks (each matrix's own subspace)
+    bank: int | None = None
     mask_ratio: float = 5.5  # ‖γBA‖_F / ‖W‖_F (cos(W', W) ≈ 1/√(1+r²) ≈ 0.18)
     pad_ratio: float = 5.5   # pad-row RMS ≥ pad_ratio × input-row RMS (cos ≤ 1/√(1+r²) ≈ 0.18)
     pads: Literal["fresh", "fixed"] = "fresh"
     # head-block transforms of Q/K/V: Haar rotations, or permutations only (the paper's)
     attention_mixing: Literal["rotate", "permute"] = "rotate"
+    # "random": Gaussian factors (the paper's). "delta" (veil's hardening against the low-rank
+    # peel, veil/attacks/steal.py): each mask spans the top-`rank` singular subspaces of the
+    # matrix's fine-tune delta W − W_prior, `prior` the public checkpoint it was fine-tuned from
+    mask: Literal["random", "delta"] = "random"
+    prior: str | None = None
 
     def __post_init__(self) -> None:
-        for name, ok, need in (("rank", self.rank >= 1, "≥ 1"), ("bank", self.bank >= 0, "≥ 0"),
+        for name, ok, need in (("rank", self.rank >= 1, "≥ 1"),
+                               ("bank", self.bank is None or self.bank >= 0, "≥ 0"),
                                ("mask_ratio", self.mask_ratio > 0, "> 0"),
                                ("pad_ratio", self.pad_ratio > 0, "> 0")):
             if not ok:
                 raise ConfigError(f"option {name!r} must be {need}, got {getattr(self, name)}")
         if self.pads not in ("fresh", "fixed"):
             raise ConfigError(f"option 'pads' must be 'fresh' or 'fixed', got {self.pads!r}")
+        if self.mask not in ("random", "delta"):
+            raise ConfigError(f"option 'mask' must be 'random' or 'delta', got {self.mask!r}")
+        if self.mask == "delta" and not self.prior:
+            raise ConfigError("option mask='delta' needs option 'prior': the public checkpoint "
+                              "the protected model was fine-tuned from (e.g. prior=default)")
+        if self.mask == "delta" and self.bank:
+            raise ConfigError("option mask='delta' draws each matrix's factors from its own "
+                              f"delta: a shared bank (bank={self.bank}) cannot; leave bank unset")
         if self.attention_mixing not in ("rotate", "permute"):
             raise ConfigError("option 'attention_mixing' must be 'rotate' or 'permute', got "
                               f"{self.attention_mixing!r}")
+
+    @property
+    def bank_size(self) -> int:
+        if self.bank is not None:
+            return self.bank
+        return 0 if self.mask == "delta" else 4
 
 
 def masked_matrices(cfg: ModelConfig) -> list[str]:
@@ -117,14 +139,40 @@ def _shape(weights: Weights, name: str) -> tuple[int, int]:
     return in_dim, out_dim
 
 
+def delta_subspaces(weights: Weights, prior: Weights, name: str, rank: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`rank` left (out × k) and right (in × k) singular vectors of W − W_prior: where
+    the fine-tune put its largest changes. Fewer than `rank` directions when the matrix is that
+    thin; random directions fill in where the delta is exactly zero (nothing to hide there)."""
+    key = f"{name}.weight"
+    if key not in prior or prior[key].shape != weights[key].shape:
+        raise ConfigError(f"mask='delta': the prior has no {key} of shape "
+                          f"{tuple(weights[key].shape)}; is it the checkpoint this model was "
+                          "fine-tuned from?")
+    d = weights[key].double() - prior[key].double()
+    u, _, vh = torch.linalg.svd(d, full_matrices=False)
+    k = min(rank, u.shape[1])
+    return u[:, :k], vh[:k].t()
+
+
 def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
-                 rng: SecretRng) -> FactorBank:
+                 rng: SecretRng, prior: Weights | None = None) -> FactorBank:
     """Step 1's secrets: Gaussian factors (a bank and each matrix's coefficients, or independent
-    B, A per matrix when `lcfg.bank` is 0) and each matrix's γ, all drawn from `rng`."""
+    B, A per matrix when the bank is 0) and each matrix's γ, all drawn from `rng`. Delta masks
+    (`prior` given): B = V_k·G₁, A = G₂·U_kᵀ with G₁, G₂ Gaussian (k × r, r × k), U_k, V_k the
+    delta's top singular vectors — the mask's energy lies exactly where the fine-tune's largest
+    changes do, so removing W' − W_prior's top-r directions (the peel) removes those too."""
     r = lcfg.rank
     bank = FactorBank(rank=r)
     names = masked_matrices(cfg)
-    if lcfg.bank == 0:
+    if lcfg.mask == "delta":
+        if prior is None:
+            raise ConfigError("mask='delta' needs the prior's weights")
+        for n in names:
+            u, v = delta_subspaces(weights, prior, n, r)
+            bank.direct[n] = ((v @ rng.randn(v.shape[1], r, dtype=torch.float64)).float(),
+                              (rng.randn(r, u.shape[1], dtype=torch.float64) @ u.t()).float(), 1.0)
+    elif lcfg.bank_size == 0:
         for n in names:
             i, o = _shape(weights, n)
             bank.direct[n] = (rng.randn(i, r), rng.randn(r, o), 1.0)
@@ -137,9 +185,9 @@ def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
             uses_out[o] = uses_out.get(o, 0) + 1
         # a bank never larger than the number of matrices that draw from it
         for dim, uses in uses_in.items():
-            bank.bank_b[dim] = rng.randn(min(lcfg.bank, uses), dim, r)
+            bank.bank_b[dim] = rng.randn(min(lcfg.bank_size, uses), dim, r)
         for dim, uses in uses_out.items():
-            bank.bank_a[dim] = rng.randn(min(lcfg.bank, uses), r, dim)
+            bank.bank_a[dim] = rng.randn(min(lcfg.bank_size, uses), r, dim)
         for n in names:
             i, o = _shape(weights, n)
             alpha = torch.cat([torch.tensor([float(i)]), rng.randn(len(bank.bank_b[i]))])

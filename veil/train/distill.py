@@ -1,0 +1,69 @@
+"""Distillation on a fixed set of queries: what an attacker with query access does with the
+answers (the black-box copy of issue #16, and MSP's fine-tuning stage).
+
+The attacker sends each query window to the protected model and gets its next-token distribution
+at every position (the strongest output an API gives: full probabilities); the student minimises
+KL(victim ‖ student) over those positions only — never over text the victim did not answer. The
+victim's answers are recomputed per batch from the victim's weights rather than stored (a
+distribution over the vocabulary per token is ~200 KB); a protected model answers the same up to
+its stated tolerance.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from veil.errors import ConfigError
+from veil.model.config import ModelConfig
+from veil.model.weights import Weights
+from veil.train.merge_recipe import sequence_logits
+from veil.train.trainer import Run, TrainSettings, train
+
+
+def kd_loss(cfg: ModelConfig, teacher: Weights):
+    """KL(teacher ‖ student) per position, averaged."""
+    def loss(params: Weights, ids: torch.Tensor, gen: torch.Generator):
+        with torch.no_grad():
+            target = F.log_softmax(sequence_logits(cfg, teacher, ids).float(), -1)
+        student = F.log_softmax(sequence_logits(cfg, params, ids), -1)
+        kl = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
+                      reduction="batchmean")
+        return kl, {"kl": float(kl.detach())}
+    return loss
+
+
+def query_batches(queries: torch.Tensor, s: TrainSettings):
+    """Step → a batch of query windows: epochs over the queries, each in a fresh order drawn
+    from (seed, epoch)."""
+    n = len(queries)
+    per_epoch = max(1, n // s.batch)
+
+    def at(step: int) -> torch.Tensor:
+        epoch, i = divmod(step, per_epoch)
+        order = np.random.default_rng([s.seed, epoch]).permutation(n)
+        return queries[torch.from_numpy(order[i * s.batch:(i + 1) * s.batch])]
+    return at
+
+
+def distill(cfg: ModelConfig, student: Weights, teacher: Weights, queries: torch.Tensor,
+            epochs: int = 1, batch: int = 8, lr: float = 1e-4, seed: int = 0,
+            progress: bool = False) -> list[dict]:
+    """Train `student` (in place) on the teacher's answers to `queries` ((N, T) token ids):
+    `epochs` passes in batches of `batch`. Returns the loss log."""
+    if queries.dim() != 2 or len(queries) < batch:
+        raise ConfigError(f"distillation needs at least {batch} query windows, got "
+                          f"{tuple(queries.shape)}")
+    steps = max(1, epochs * (len(queries) // batch))
+    s = TrainSettings(steps=steps, batch=batch, seq=int(queries.shape[1]), lr=lr, seed=seed,
+                      warmup=max(1, min(10, steps // 10)), checkpoint_every=steps)
+    for k in student:
+        student[k] = student[k].detach().clone().float()
+    with tempfile.TemporaryDirectory(prefix="veil-distill-") as tmp:
+        return train(student, kd_loss(cfg, teacher), np.zeros(0, dtype=np.int64), s,
+                     Run(Path(tmp) / "run", s, {"distill": True}), "distill", progress=progress,
+                     batches=query_batches(queries, s))

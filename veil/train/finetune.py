@@ -1,0 +1,58 @@
+"""A plain full fine-tune: the private model a TEE scheme protects in the stealing evaluation
+(issue #16) and the victim of the KV-cache inversion benchmark's attack 4.
+
+Every parameter of `model` is trained with next-token cross-entropy on a corpus's train split
+(AdamW, warm-up then cosine decay; resumable through the trainer's checkpoints), and the result is
+saved as a veil model folder — the owner's fine-tune of a public prior.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from veil.model import native, zoo
+from veil.model.opening import open_model
+from veil.train.merge_recipe import ce_loss, corpus_tokens
+from veil.train.trainer import Run, TrainSettings, train
+
+# the train split's first characters used as fine-tuning text (the split is ~4.5 MB)
+TRAIN_CHARS = 3_000_000
+
+
+def default_out(model: str, corpus: str, steps: int) -> Path:
+    return zoo.cache_dir() / "victims" / f"{Path(model).name}-{corpus}-{steps}"
+
+
+def finetune_settings(steps: int, batch: int = 8, seq: int = 64, lr: float = 1e-4,
+                      seed: int = 0) -> TrainSettings:
+    return TrainSettings(steps=steps, batch=batch, seq=seq, lr=lr, seed=seed)
+
+
+def finetune(model: str, steps: int, corpus: str = "shakespeare", out: Path | None = None,
+             settings: TrainSettings | None = None, progress: bool = True) -> Path:
+    """`model` fully fine-tuned on `corpus`'s train split; the saved folder (made once: a folder
+    that already holds a model is returned as it is, an interrupted run resumes)."""
+    s = settings or finetune_settings(steps)
+    out = Path(out) if out is not None else default_out(model, corpus, s.steps)
+    if (out / "model.safetensors").is_file():
+        return out
+    opened = open_model(model)
+    if opened.tokenizer is None:
+        from veil.errors import ConfigError
+        raise ConfigError(f"{model} has no tokenizer; a fine-tune on text needs one")
+    tokens = corpus_tokens(opened.tokenizer, corpus, "train", TRAIN_CHARS)
+    w = {k: v.clone().float() for k, v in opened.weights.items()}
+    train(w, ce_loss(opened.cfg), tokens, s,
+          Run(out.with_name(out.name + ".run"), s, {"model": model, "corpus": corpus}),
+          "fine-tune", progress=progress)
+    return native.save_native(out, opened.cfg, {k: v.detach() for k, v in w.items()},
+                              opened.folder)
+
+
+def training_windows(model_tokens, settings: TrainSettings):
+    """The (steps·batch, seq) windows the fine-tune trained on, in order (batches are a pure
+    function of (seed, step)): the data an attacker's query budget is a share of."""
+    import torch
+
+    from veil.train.trainer import batch_at
+    return torch.cat([batch_at(model_tokens, i, settings) for i in range(settings.steps)])
