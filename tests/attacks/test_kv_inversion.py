@@ -120,3 +120,27 @@ def test_the_cli_reports_each_attack_and_refuses_schemes_without_a_device_cache(
 def test_plain_keys_give_the_conversation_back_with_rope_undone(preset):
     ids = _ids(preset, 30, 2)
     assert _rates(preset, "plain", ids, n=1)["nearest-keys"] >= 0.99
+
+
+def test_a_reused_pad_gives_the_prompt_back_from_one_known_token():
+    """LoRO with `pads="fixed"` (the public code's mode): one known token's row gives the shared
+    pad, and every other layer-0 input row comes back unpadded — the whole prompt. Fresh pads
+    (veil's default) leave the same attack with nothing."""
+    import torch
+
+    from veil.attacks.kv_inversion import DEVICE, Recorder, Vocabulary, attack_view
+    from veil.model.opening import open_model
+
+    o = open_model("tiny-llama")
+    vocab = Vocabulary(o.cfg, o.weights)
+    ids = torch.randint(0, o.cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    rates = {}
+    for pads in ("fixed", "fresh"):
+        rec = Recorder("tiny-llama", "loro", pads=pads)
+        try:
+            got = {r.attack: r.recovered for r in attack_view(vocab, rec.view(ids), ids, DEVICE, 1)}
+        finally:
+            rec.close()
+        rates[pads] = got["inputs-fixed-pad"]
+    assert rates["fixed"] == 1.0
+    assert rates["fresh"] < 0.2

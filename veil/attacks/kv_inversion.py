@@ -385,6 +385,46 @@ def invert_inputs(vocab: Vocabulary, x0: torch.Tensor, positions: list[int], kin
     return [int(torch.cdist(x[i:i + 1], table(p)).argmin()) for i, p in enumerate(positions)]
 
 
+def pad_scale(rows: torch.Tensor, pad_ratio: float) -> torch.Tensor:
+    """LoRO's public pad-scale rule (veil/tee/schemes/loro.py): the smallest power of two ≥
+    pad_ratio × the row's RMS, per row."""
+    v = rows.norm(dim=-1, keepdim=True) * (pad_ratio / rows.shape[-1] ** 0.5) + 1e-30
+    return torch.ldexp(torch.ones_like(v), torch.frexp(v)[1])
+
+
+def invert_fixed_pad(vocab: Vocabulary, x0: torch.Tensor, positions: list[int],
+                     known: dict[int, int], pad_ratio: float = 5.5) -> list[int]:
+    """Device view of LoRO with a reused pad (`pads="fixed"`, the public code's mode): every
+    padded input row is x + s·g with the same g. One known token gives g: its true input row is
+    the prior's (the attacker's table), its scale follows the public rule, so
+    g = (x̃ − x)/s; then each row is x̃ − s·g for the one power-of-two s that the rule
+    reproduces, read off by nearest neighbour. With fresh pads g is new for every row and the
+    estimate is noise."""
+    n = len(positions)
+    x = x0[:n].double()
+    if not known or x.shape[-1] != vocab.cfg.d_model:
+        return [-1] * n
+
+    def table(p: int) -> torch.Tensor:
+        return vocab.inputs(p if vocab.cfg.position == "learned" else None).double()
+
+    g = torch.stack([(x[i] - table(positions[i])[t]) / pad_scale(table(positions[i])[t], pad_ratio)
+                     for i, t in known.items() if i < n]).mean(0)
+    out = []
+    for i in range(n):
+        # the pad dominates the row (pad_ratio ≫ 1): |x̃| ≈ s·|g| puts s within a factor of 4
+        e0 = int(torch.round(torch.log2(x[i].norm() / g.norm().clamp_min(1e-30))))
+        cands = torch.stack([x[i] - 2.0 ** e * g for e in range(e0 - 2, e0 + 3)])
+        scales = torch.tensor([2.0 ** e for e in range(e0 - 2, e0 + 3)], dtype=torch.float64)
+        consistent = (pad_scale(cands, pad_ratio).squeeze(-1) == scales)
+        tab = table(positions[i])
+        d = torch.cdist(cands, tab)                                         # (5, V)
+        d[~consistent] = float("inf")
+        best = d.min(dim=1)
+        out.append(int(best.indices[best.values.argmin()]))
+    return out
+
+
 def recovery_rate(predicted: list[int], truth: list[int]) -> float:
     """The share of positions whose token was recovered exactly."""
     assert len(predicted) == len(truth) and truth
@@ -465,6 +505,9 @@ def attack_view(vocab: Vocabulary, view: Any, tokens: list[int], which: str = SN
             x0, rows = got
             found.append(("inputs", invert_inputs(vocab, x0, positions, "nearest", rows)))
             found.append(("inputs-sorted", invert_inputs(vocab, x0, positions, "sorted", rows)))
+            if anchors and rows == "normed":
+                found.append(("inputs-fixed-pad", invert_fixed_pad(vocab, x0, positions,
+                                                                   anchors)))
     scored = slice(min(known, n - 1), n)
     return [InversionResult(a, recovery_rate(t[scored], tokens[scored]), t) for a, t in found]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,10 @@ class Peeled:
 
     weight: torch.Tensor
     rank: int
+    # the directions removed (out × r, in × r): where the mask is — and, under a delta mask,
+    # where the fine-tune changed the matrix most
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 def peel(w_device: torch.Tensor, w_prior: torch.Tensor, rank: int | None = None) -> Peeled:
@@ -64,7 +68,7 @@ def peel(w_device: torch.Tensor, w_prior: torch.Tensor, rank: int | None = None)
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     r = mask_rank(s) if rank is None else rank
     residual = d - (u[:, :r] * s[:r]) @ vh[:r]
-    return Peeled((w_prior.double() + residual).float(), r)
+    return Peeled((w_prior.double() + residual).float(), r, u[:, :r].float(), vh[:r].t().float())
 
 
 def peel_model(device: Weights, prior: Weights, rank: int | None = None) -> tuple[Weights, dict[str, int]]:
@@ -199,6 +203,7 @@ class Stolen:
 
     weights: Weights
     method: dict[str, str]
+    subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def msp_model(scheme: str, resident: dict[str, torch.Tensor], prior: Weights,
@@ -210,6 +215,7 @@ def msp_model(scheme: str, resident: dict[str, torch.Tensor], prior: Weights,
         raise ValueError(f"no MSP for scheme {scheme!r} (known: {', '.join(MSP_METHODS)})")
     stolen = {k: v.clone() for k, v in prior.items()}
     method: dict[str, str] = {}
+    subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, w in resident.items():
         if name not in prior or w.shape != prior[name].shape or w.dim() != 2:
             continue
@@ -217,6 +223,7 @@ def msp_model(scheme: str, resident: dict[str, torch.Tensor], prior: Weights,
         if scheme == "loro":
             peeled = peel(w, p, peel_rank)
             stolen[name], method[name] = peeled.weight, f"peel r={peeled.rank}"
+            subspaces[name] = (peeled.u, peeled.v)
         elif scheme in ("tlg", "shadownet"):
             u = msp_unpermute(w, p, rescale=scheme == "shadownet")
             stolen[name], method[name] = u.weight, MSP_METHODS[scheme]
@@ -225,7 +232,7 @@ def msp_model(scheme: str, resident: dict[str, torch.Tensor], prior: Weights,
         elif scheme == "nnsplitter":
             stolen[name], k = msp_reset_outliers(w, p)
             method[name] = f"reset {k}"
-    return Stolen(stolen, method)
+    return Stolen(stolen, method, subspaces)
 
 
 def rows_in_place(stolen: torch.Tensor, victim: torch.Tensor) -> tuple[float, float]:
@@ -238,3 +245,29 @@ def rows_in_place(stolen: torch.Tensor, victim: torch.Tensor) -> tuple[float, fl
         best = (an @ bn.T).argmax(dim=1)
         return float((best == torch.arange(len(a))).double().mean())
     return share(stolen, victim), share(stolen.T, victim.T)
+
+
+def subspace_from_others(subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                         others: int = 4) -> dict[str, float]:
+    """Factor multiplexing: how much of each matrix's mask subspace (the peel's removed input
+    directions V, and output directions U) lies in the span of `others` other matrices' of the
+    same dimension — the mean of both sides' shares, per matrix. With LoRO's shared bank of m
+    factors per dimension every mask of that dimension lives in one m·r-dimensional span, so m
+    other peels predict a matrix's mask whole (share ≈ 1); with independent factors the share
+    is what chance gives, ≈ others·r / dim."""
+    def side(idx: int) -> dict[str, float]:
+        by_dim: dict[int, list[str]] = {}
+        for n, uv in subspaces.items():
+            by_dim.setdefault(uv[idx].shape[0], []).append(n)
+        got = {}
+        for dim, names in by_dim.items():
+            for i, n in enumerate(names):
+                rest = [names[(i + j) % len(names)] for j in range(1, min(others, len(names) - 1) + 1)]
+                if not rest:
+                    continue
+                q, _ = torch.linalg.qr(torch.cat([subspaces[m][idx].double() for m in rest], 1))
+                x = subspaces[n][idx].double()
+                got[n] = float((q.T @ x).pow(2).sum() / x.pow(2).sum())
+        return got
+    u, v = side(0), side(1)
+    return {n: (u[n] + v[n]) / 2 for n in u if n in v}

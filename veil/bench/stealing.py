@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 
 import veil
-from veil.attacks.steal import MSP_METHODS, delta_recovered, msp_model, rows_in_place
+from veil.attacks.steal import (MSP_METHODS, delta_recovered, msp_model, rows_in_place,
+                                subspace_from_others)
 from veil.data import corpus_text
 from veil.model.config import ModelConfig
 from veil.model.opening import open_model
 from veil.model.weights import Weights
 from veil.tee.schemes.loro import LoroConfig, masked_matrices
-from veil.train.distill import distill
+from veil.train.distill import distill, distill_in_subspaces
 from veil.train.finetune import TRAIN_CHARS, finetune, finetune_settings, training_windows
 from veil.train.merge_recipe import corpus_tokens, sequence_logits
 
@@ -137,7 +138,8 @@ class Evaluation:
 
     def __init__(self, victim: str | Path, prior: str, windows: int = 32, window: int = 128,
                  train_windows: torch.Tensor | None = None, query_share: float = 0.1,
-                 epochs: int = 1, heldout: torch.Tensor | None = None) -> None:
+                 epochs: int = 1, heldout: torch.Tensor | None = None,
+                 subspace_lr: float = 1e-3) -> None:
         self.victim_src, self.prior_src = str(victim), prior
         self.v, self.p = open_model(str(victim)), open_model(prior)
         self.cfg = self.v.cfg
@@ -148,6 +150,7 @@ class Evaluation:
             train_windows = training_windows(
                 corpus_tokens(self.p.tokenizer, "shakespeare", "train", TRAIN_CHARS), s)
         self.train_windows, self.query_share, self.epochs = train_windows, query_share, epochs
+        self.subspace_lr = subspace_lr
         victim_scores = score(self.cfg, self.v.weights, self.heldout, None)
         self.victim_top = victim_scores.pop("_top")
         self.victim = victim_scores
@@ -217,6 +220,21 @@ class Evaluation:
             ft, took = self._distilled(stolen.weights, seed)
             out["msp+ft"] = {**_metrics(ft, self.prior, self.victim, blackbox_top1),
                              "train_s": took}
+        if stolen.subspaces:
+            out["mask_from_others_median"] = statistics.median(
+                subspace_from_others(stolen.subspaces).values())
+        if finetune_too and stolen.subspaces:
+            # the peel also says where the mask is: under a delta mask, where the fine-tune put
+            # its largest changes — fit only the r × r cores there from the same queries
+            t0 = time.perf_counter()
+            w = distill_in_subspaces(self.cfg, stolen.weights, stolen.subspaces, self.v.weights,
+                                     self.queries(seed), epochs=self.epochs, seed=seed,
+                                     lr=self.subspace_lr)
+            took = time.perf_counter() - t0
+            sc = score(self.cfg, w, self.heldout, self.victim_top)
+            sc.pop("_top")
+            out["msp+subspace-ft"] = {**_metrics(sc, self.prior, self.victim, blackbox_top1),
+                                      "train_s": took}
         return out
 
 
@@ -282,7 +300,7 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         r: dict[str, Any] = {"label": label, "scheme": row["scheme"], "options": row["options"],
                              "seeds": len(seeds)}
-        for stage in ("msp", "msp+ft"):
+        for stage in ("msp", "msp+ft", "msp+subspace-ft"):
             got = [s[stage] for s in seeds if stage in s]
             if not got:
                 continue
@@ -292,7 +310,8 @@ def summary(results: dict[str, Any]) -> list[dict[str, Any]]:
                 r[stage][k] = _agg(vals) if vals else (math.nan, math.nan)
             r[stage]["ppl"] = _agg([g["ppl"] for g in got], best_is_max=False)
         for k in ("delta_recovered_median", "rows_in_place", "cols_in_place",
-                  "resident_secret_bytes", "enclave_flops_share", "mask_rank"):
+                  "resident_secret_bytes", "enclave_flops_share", "mask_rank",
+                  "mask_from_others_median"):
             vals = [s[k] for s in seeds if k in s]
             if vals:
                 r[k] = statistics.mean(vals)
@@ -338,13 +357,18 @@ def markdown(results: dict[str, Any]) -> str:
         f"{PAPER['loro']}×, the best earlier scheme ≥ {PAPER['best earlier scheme']}×). "
         "Gain: (top-1 − prior) / (victim − prior).",
         "",
+        "MSP+subspace-FT (LoRO only): the peel's removed directions are where the mask is — under "
+        "a delta mask, where the fine-tune changed each matrix most — so the attacker fits only "
+        "an r × r core per matrix there (U·C·Vᵀ added to the peeled weights) on the same queries.",
+        "",
         "| scheme | MSP ppl | MSP top-1 | MSP ×black-box | MSP gain | MSP+FT ×black-box | "
-        "MSP+FT gain | agreement (MSP) | delta recovered | rows / cols in place | "
-        "enclave mask FLOPs ÷ device | resident secrets | paper ×black-box |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "MSP+FT gain | MSP+subspace-FT gain | agreement (MSP) | delta recovered | "
+        "rows / cols in place | enclave mask FLOPs ÷ device | resident secrets | "
+        "paper ×black-box |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary(results):
-        m, f = r["msp"], r.get("msp+ft")
+        m, f, sub = r["msp"], r.get("msp+ft"), r.get("msp+subspace-ft")
         place = (f"{r['rows_in_place']:.1%} / {r['cols_in_place']:.1%}"
                  if "rows_in_place" in r else "—")
         paper = (f"{PAPER['loro']}×" if r["label"] in ("loro", "loro-paper")
@@ -357,10 +381,21 @@ def markdown(results: dict[str, Any]) -> str:
             + (f"{_pair(f['vs_blackbox'], '.3f')} | {f['gain_stolen'][0]:.0%} / "
                f"{f['gain_stolen'][1]:.0%} | " if f else "= black-box (nothing on the device) | "
                "— | ")
+            + (f"{sub['gain_stolen'][0]:.0%} / {sub['gain_stolen'][1]:.0%} | " if sub else "— | ")
             + f"{m['agreement'][0]:.3f} | {r.get('delta_recovered_median', 0):.1%} | {place} | "
             + (f"{r['enclave_flops_share']:.1%} (r={int(r['mask_rank'])})"
                if "enclave_flops_share" in r else "—")
             + f" | {r.get('resident_secret_bytes', 0) / 2**20:.1f} MiB | {paper} |")
+    multiplexed = [r for r in summary(results) if "mask_from_others_median" in r]
+    if multiplexed:
+        lines += ["", "Factor multiplexing: the share of each matrix's mask subspace (the peel's "
+                  "removed directions, both sides) inside the span of 4 other same-shaped "
+                  "matrices' — median over matrices. With a shared bank one matrix's mask is "
+                  "learned from the others'; chance is ≈ 4r / dim.", "",
+                  "| scheme | bank | mask subspace from 4 other matrices |", "|---|---|---|"]
+        for r in multiplexed:
+            bank = r["options"].get("bank", 0 if r["options"].get("mask") == "delta" else 4)
+            lines.append(f"| {r['label']} | {bank} | {r['mask_from_others_median']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +409,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     rows = [r for r in summary(results) if "enclave_flops_share" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for stage, marker in (("msp", "o"), ("msp+ft", "s")):
+    for stage, marker in (("msp", "o"), ("msp+ft", "s"), ("msp+subspace-ft", "^")):
         xs = [100 * r["enclave_flops_share"] for r in rows if stage in r]
         ys = [100 * r[stage]["gain_stolen"][0] for r in rows if stage in r]
         ax.scatter(xs, ys, marker=marker, label=stage.upper())

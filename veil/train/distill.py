@@ -67,3 +67,36 @@ def distill(cfg: ModelConfig, student: Weights, teacher: Weights, queries: torch
         return train(student, kd_loss(cfg, teacher), np.zeros(0, dtype=np.int64), s,
                      Run(Path(tmp) / "run", s, {"distill": True}), "distill", progress=progress,
                      batches=query_batches(queries, s))
+
+
+def distill_in_subspaces(cfg: ModelConfig, base: Weights, subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                         teacher: Weights, queries: torch.Tensor, epochs: int = 1, batch: int = 8,
+                         lr: float = 1e-3, seed: int = 0, progress: bool = False) -> Weights:
+    """Distillation with few parameters: each named matrix becomes base + U·C·Vᵀ, U (out × k) and
+    V (in × k) fixed, only the k × k core C trained (from zero). An attacker who learned where a
+    fine-tune changed a matrix (its singular subspaces) fits the change there from few queries.
+    Returns the assembled weights."""
+    if queries.dim() != 2 or len(queries) < batch:
+        raise ConfigError(f"distillation needs at least {batch} query windows, got "
+                          f"{tuple(queries.shape)}")
+    fixed = {k: v.detach().float() for k, v in base.items()}
+    basis = {n: (u.float(), v.float()) for n, (u, v) in subspaces.items()}
+    cores = {n: torch.zeros(u.shape[1], v.shape[1]) for n, (u, v) in basis.items()}
+
+    def assemble(c: Weights) -> Weights:
+        w = dict(fixed)
+        for n, (u, v) in basis.items():
+            w[n] = fixed[n] + u @ c[n] @ v.t()
+        return w
+
+    inner = kd_loss(cfg, teacher)
+    steps = max(1, epochs * (len(queries) // batch))
+    s = TrainSettings(steps=steps, batch=batch, seq=int(queries.shape[1]), lr=lr, seed=seed,
+                      warmup=max(1, min(10, steps // 10)), checkpoint_every=steps,
+                      weight_decay=0.0)
+    with tempfile.TemporaryDirectory(prefix="veil-distill-") as tmp:
+        train(cores, lambda c, ids, gen: inner(assemble(c), ids, gen),
+              np.zeros(0, dtype=np.int64), s, Run(Path(tmp) / "run", s, {"distill": "cores"}),
+              "distill (subspaces)", progress=progress, batches=query_batches(queries, s))
+    with torch.no_grad():
+        return {k: v.detach() for k, v in assemble(cores).items()}
