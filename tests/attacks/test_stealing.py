@@ -179,3 +179,17 @@ def test_a_shared_factor_bank_lets_other_matrices_predict_a_mask():
     # medians measured 0.88–0.99 over draws)
     assert shares[4] > 0.8
     assert shares[0] < 0.6          # chance on these 64-wide spans: 4·8/64 = 0.5
+
+
+def test_attack_steal_names_a_victim_it_cannot_use(low_rank):
+    """`veil attack steal` on a model that is no fine-tune of veil's (no run folder beside it),
+    or whose prior has no tokenizer: a one-line error, not a traceback."""
+    from typer.testing import CliRunner
+
+    from veil.cli import app
+
+    _, _, _, prior_dir, victim_dir = low_rank
+    r = CliRunner().invoke(app, ["attack", "steal", "--victim", str(victim_dir), "--prior",
+                                 str(prior_dir)])
+    assert r.exit_code == 2
+    assert "no tokenizer" in r.output

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from veil.errors import ConfigError
 from veil.model import native, zoo
 from veil.model.opening import open_model
 from veil.train.merge_recipe import ce_loss, corpus_tokens
-from veil.train.trainer import Run, TrainSettings, train
+from veil.train.trainer import Run, TrainSettings, batch_at, train
 
 # the train split's first characters used as fine-tuning text (the split is ~4.5 MB)
 TRAIN_CHARS = 3_000_000
@@ -38,7 +42,6 @@ def finetune(model: str, steps: int, corpus: str = "shakespeare", out: Path | No
         return out
     opened = open_model(model)
     if opened.tokenizer is None:
-        from veil.errors import ConfigError
         raise ConfigError(f"{model} has no tokenizer; a fine-tune on text needs one")
     tokens = corpus_tokens(opened.tokenizer, corpus, "train", TRAIN_CHARS)
     w = {k: v.clone().float() for k, v in opened.weights.items()}
@@ -49,10 +52,7 @@ def finetune(model: str, steps: int, corpus: str = "shakespeare", out: Path | No
                               opened.folder)
 
 
-def training_windows(model_tokens, settings: TrainSettings):
+def training_windows(tokens: np.ndarray, settings: TrainSettings) -> torch.Tensor:
     """The (steps·batch, seq) windows the fine-tune trained on, in order (batches are a pure
     function of (seed, step)): the data an attacker's query budget is a share of."""
-    import torch
-
-    from veil.train.trainer import batch_at
-    return torch.cat([batch_at(model_tokens, i, settings) for i in range(settings.steps)])
+    return torch.cat([batch_at(tokens, i, settings) for i in range(settings.steps)])
