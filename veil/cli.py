@@ -208,6 +208,10 @@ def train_finetune(model: str = typer.Option("default"),
                    steps: int = typer.Option(200, help="AdamW steps"),
                    batch: int = typer.Option(8), seq: int = typer.Option(64),
                    lr: float = typer.Option(1e-4),
+                   lora_rank: Optional[int] = typer.Option(None, "--lora-rank",
+                                                           help="train a LoRA of this rank on "
+                                                                "every layer's linear instead "
+                                                                "(merged when saved); try --lr 5e-4"),
                    out_dir: Optional[str] = typer.Option(None, "--out",
                                                          help="model folder (default: in the cache)"),
                    ) -> None:
@@ -218,7 +222,7 @@ def train_finetune(model: str = typer.Option("default"),
     from veil.train.finetune import finetune, finetune_settings
 
     folder = finetune(model, steps, corpus, Path(out_dir) if out_dir else None,
-                      finetune_settings(steps, batch, seq, lr))
+                      finetune_settings(steps, batch, seq, lr), lora_rank=lora_rank)
     print(f"fine-tuned model → {folder}   (veil eval ppl --model {folder})")
 
 

@@ -114,7 +114,8 @@ def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: 
         return kv_inversion.run(model, out_dir=out_dir)
     if suite == "stealing":       # attacks' figures: bench/stealing.py
         out = Path(out_dir)
-        return stealing.write(stealing.run(model, 200, repeats, out / "stealing.json"), out)
+        lora = stealing.run(model, 200, repeats, out / "stealing_lora.json", lora_rank=8)
+        return stealing.write(stealing.run(model, 200, repeats, out / "stealing.json"), out, lora)
     if suite in ("mpc", "mpc-fused"):   # own sweeps (GPT-2-base shapes, MSL 64–512): bench/mpc.py
         return mpc_bench.run(out_dir=out_dir, fused=suite == "mpc-fused")
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU",

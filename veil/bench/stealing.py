@@ -42,7 +42,7 @@ from veil.model.opening import open_model
 from veil.model.weights import Weights
 from veil.tee.schemes.loro import LoroConfig, masked_matrices
 from veil.train.distill import distill, distill_in_subspaces
-from veil.train.finetune import TRAIN_CHARS, finetune, training_windows
+from veil.train.finetune import TRAIN_CHARS, finetune, finetune_settings, training_windows
 from veil.train.merge_recipe import corpus_tokens, sequence_logits
 from veil.train.trainer import TrainSettings
 
@@ -257,15 +257,25 @@ def _fine_tune_of(victim: str | Path) -> tuple[TrainSettings, str]:
                          "`veil train finetune`") from None
 
 
+# the LoRA victim's rows: LoRO as published, and delta masks at and above the LoRA's rank
+LORA_LABELS = ("shielded", "loro", "loro delta r8", "loro delta r32")
+LORA_LR = 5e-4
+
+
 def run(model: str, steps: int, seeds: int, out_json: Path,
-        only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The whole evaluation, resumable: results land in `out_json` after each step."""
-    folder = finetune(model, steps, progress=False)
+        only: tuple[str, ...] | None = None, lora_rank: int | None = None) -> dict[str, Any]:
+    """The whole evaluation, resumable: results land in `out_json` after each step. lora_rank:
+    the victim is a LoRA fine-tune of that rank (merged) instead of a full one."""
+    folder = finetune(model, steps, progress=False, lora_rank=lora_rank,
+                      settings=finetune_settings(steps, lr=LORA_LR) if lora_rank else None)
     ev = Evaluation(folder, model)
+    if lora_rank and only is None:
+        only = LORA_LABELS
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
     if results.get("victim_path") != str(folder):
         results = {}
     results.update({"model": model, "victim_path": str(folder), "fine_tune_steps": steps,
+                    "lora_rank": lora_rank,
                     "heldout": {"windows": len(ev.heldout), "window": ev.heldout.shape[1]},
                     "queries": len(ev.queries(0)), "fine_tune_windows": len(ev.train_windows),
                     "prior": ev.prior, "victim": ev.victim, "paper": PAPER,
@@ -338,10 +348,15 @@ def markdown(results: dict[str, Any]) -> str:
     bb = {k: _agg([b[k] for b in bbs]) for k in ("top1", "agreement", "gain_stolen")}
     bb_ppl = _agg([b["ppl"] for b in bbs], best_is_max=False)
     lines = [
-        "# Model stealing with the public prior (issue #16)",
+        ("## A LoRA fine-tune" if results.get("lora_rank") else
+         "# Model stealing with the public prior (issue #16)"),
         "",
-        f"Victim: `{results['model']}` fully fine-tuned {results['fine_tune_steps']} steps on the "
-        f"Shakespeare train split (`veil train finetune`). Held-out: "
+        f"Victim: `{results['model']}` "
+        + (f"fine-tuned with a rank-{results['lora_rank']} LoRA on every layer's linear (merged; "
+           f"`veil train finetune --lora-rank {results['lora_rank']} --lr {LORA_LR}`) "
+           if results.get("lora_rank") else "fully fine-tuned ")
+        + f"{results['fine_tune_steps']} steps on the Shakespeare train split (`veil train "
+        "finetune`). Held-out: "
         f"{results['heldout']['windows']} windows × {results['heldout']['window']} tokens. "
         f"Queries: {results['queries']} of the fine-tune's {results['fine_tune_windows']} "
         "64-token windows (10%), answered with the victim's full next-token distribution; "
@@ -438,24 +453,39 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: dict[str, Any], out_dir: Path) -> list[Path]:
+def write(results: dict[str, Any], out_dir: Path, lora: dict[str, Any] | None = None
+          ) -> list[Path]:
+    """stealing.json (+ stealing_lora.json), stealing.md (the full fine-tune, then the LoRA
+    one), stealing.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "stealing.json", out_dir / "stealing.md", out_dir / "stealing.png"]
     paths[0].write_text(json.dumps(results, indent=1))
-    paths[1].write_text(markdown(results))
+    md = markdown(results)
+    if lora:
+        paths.append(out_dir / "stealing_lora.json")
+        paths[-1].write_text(json.dumps(lora, indent=1))
+        md += "\n" + markdown(lora)
+    paths[1].write_text(md)
     plot(results, paths[2])
     return paths
 
 
 def main() -> None:
-    """`python -m veil.bench.stealing [SEEDS] [LABEL,...]`: run (resumably) and write."""
+    """`python -m veil.bench.stealing [SEEDS] [LABEL,...|-] [LORA_RANK]`: run (resumably) and
+    write; SEEDS 0 only rewrites the tables from the JSON."""
     import sys
 
     seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    only = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    only = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+    lora_rank = int(sys.argv[3]) if len(sys.argv) > 3 else None
     out = Path("benchmarks/results")
-    results = run("default", 200, seeds, out / "stealing.json", only)
-    for p in write(results, out):
+    full_json, lora_json = out / "stealing.json", out / "stealing_lora.json"
+    if seeds and lora_rank:
+        run("default", 200, seeds, lora_json, only, lora_rank)
+    elif seeds:
+        run("default", 200, seeds, full_json, only)
+    lora = json.loads(lora_json.read_text()) if lora_json.is_file() else None
+    for p in write(json.loads(full_json.read_text()), out, lora):
         print(f"wrote {p}")
 
 

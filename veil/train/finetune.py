@@ -15,6 +15,8 @@ import torch
 
 from veil.errors import ConfigError
 from veil.model import native, zoo
+from veil.model.config import ModelConfig
+from veil.model.weights import Weights
 from veil.model.opening import open_model
 from veil.train.merge_recipe import ce_loss, corpus_tokens
 from veil.train.trainer import Run, TrainSettings, batch_at, train
@@ -33,11 +35,17 @@ def finetune_settings(steps: int, batch: int = 8, seq: int = 64, lr: float = 1e-
 
 
 def finetune(model: str, steps: int, corpus: str = "shakespeare", out: Path | None = None,
-             settings: TrainSettings | None = None, progress: bool = True) -> Path:
-    """`model` fully fine-tuned on `corpus`'s train split; the saved folder (made once: a folder
-    that already holds a model is returned as it is, an interrupted run resumes)."""
+             settings: TrainSettings | None = None, progress: bool = True,
+             lora_rank: int | None = None) -> Path:
+    """`model` fine-tuned on `corpus`'s train split — every parameter, or (`lora_rank`) a LoRA
+    of that rank on every layer's linear, merged into the weights; the saved folder (made once:
+    a folder that already holds a model is returned as it is, an interrupted run resumes)."""
     s = settings or finetune_settings(steps)
-    out = Path(out) if out is not None else default_out(model, corpus, s.steps)
+    if lora_rank is not None and lora_rank < 1:
+        raise ConfigError(f"lora rank must be ≥ 1, got {lora_rank}")
+    suffix = f"-lora{lora_rank}" if lora_rank else ""
+    out = Path(out) if out is not None else default_out(model, corpus, s.steps).with_name(
+        default_out(model, corpus, s.steps).name + suffix)
     if (out / "model.safetensors").is_file():
         return out
     opened = open_model(model)
@@ -45,11 +53,47 @@ def finetune(model: str, steps: int, corpus: str = "shakespeare", out: Path | No
         raise ConfigError(f"{model} has no tokenizer; a fine-tune on text needs one")
     tokens = corpus_tokens(opened.tokenizer, corpus, "train", TRAIN_CHARS)
     w = {k: v.clone().float() for k, v in opened.weights.items()}
-    train(w, ce_loss(opened.cfg), tokens, s,
-          Run(out.with_name(out.name + ".run"), s, {"model": model, "corpus": corpus}),
-          "fine-tune", progress=progress)
+    tag = {"model": model, "corpus": corpus, **({"lora_rank": lora_rank} if lora_rank else {})}
+    run = Run(out.with_name(out.name + ".run"), s, tag)
+    if lora_rank:
+        w = _train_lora(opened.cfg, w, tokens, s, run, lora_rank, progress)
+    else:
+        train(w, ce_loss(opened.cfg), tokens, s, run, "fine-tune", progress=progress)
     return native.save_native(out, opened.cfg, {k: v.detach() for k, v in w.items()},
                               opened.folder)
+
+
+def lora_targets(weights: Weights) -> list[str]:
+    """Every layer's linear weight (attention and MLP), as LoRA usually targets."""
+    return sorted(k for k, v in weights.items()
+                  if k.startswith("layers.") and k.endswith(".weight") and v.dim() == 2)
+
+
+def _train_lora(cfg: ModelConfig, w: Weights, tokens: np.ndarray, s: TrainSettings, run: Run,
+                rank: int, progress: bool) -> Weights:
+    """W + (2r/r)·B·A per target (B from zero, A Gaussian with variance 1/in: LoRA's init; the
+    init is no secret, so torch's generator draws it)."""
+    g = torch.Generator().manual_seed(s.seed)
+    factors = {}
+    for n in lora_targets(w):
+        out_dim, in_dim = w[n].shape
+        factors[f"{n}.A"] = torch.randn(rank, in_dim, generator=g) / in_dim ** 0.5
+        factors[f"{n}.B"] = torch.zeros(out_dim, rank)
+    base = ce_loss(cfg)
+
+    def merged(f: Weights) -> Weights:
+        m = dict(w)
+        for n in lora_targets(w):
+            m[n] = w[n] + LORA_SCALE * f[f"{n}.B"] @ f[f"{n}.A"]
+        return m
+
+    train(factors, lambda f, ids, gen: base(merged(f), ids, gen), tokens, s, run,
+          "fine-tune (LoRA)", progress=progress)
+    with torch.no_grad():
+        return merged(factors)
+
+
+LORA_SCALE = 2.0        # α / r with α = 2r
 
 
 def training_windows(tokens: np.ndarray, settings: TrainSettings) -> torch.Tensor:
