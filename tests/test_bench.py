@@ -12,8 +12,9 @@ from veil.errors import ConfigError
 
 
 def test_suites_are_the_tested_ones():
-    # mpc: tests/mpc/test_costs.py; kv-inversion: below
-    assert set(SUITES) == {"plain-vs-hf", "tee", "mpc", "mpc-fused", "kv-inversion"}
+    # mpc: tests/mpc/test_costs.py; kv-inversion: below; stealing:
+    # tests/attacks/test_stealing.py::test_the_stealing_evaluation_runs_end_to_end
+    assert set(SUITES) == {"plain-vs-hf", "tee", "mpc", "mpc-fused", "kv-inversion", "stealing"}
 
 
 def test_kv_inversion_smoke(tmp_path):

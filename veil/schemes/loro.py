@@ -28,7 +28,7 @@ class LoroRunOptions(DeviceOptions):
 @dataclass(frozen=True)
 class LoroOptions(LoroConfig, LoroRunOptions):
     """The protection's settings (LoroConfig: rank, bank, mask_ratio, pad_ratio, pads,
-    attention_mixing) and the run's."""
+    attention_mixing, mask, prior) and the run's."""
 
     def __post_init__(self) -> None:
         LoroConfig.__post_init__(self)

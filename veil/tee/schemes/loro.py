@@ -16,6 +16,12 @@ Protocol, per weight matrix W (out×in) — every linear, and the embedding tabl
   4. Attention runs on the device under secret head-block permutations (veil/tee/enclave.py).
   5. Factor multiplexing: a small bank of cornerstone factors per dimension; each matrix's B and A
      are secret random combinations of the bank, so resident secrets stay tiny.
+  6. (veil's hardening, `mask="delta"`, off by default) For a model fine-tuned from a public
+     prior, random masks fall to the low-rank peel (veil/attacks/steal.py: W' − W_prior's top-r
+     directions are the mask, the rest is the fine-tune). A delta mask spans the top-r singular
+     subspaces of the fine-tune delta W − W_prior instead, so the peel takes the delta's largest
+     directions away with the mask; what the device still gives away is the delta beyond rank r,
+     and those subspaces themselves (docs/attacks.md has the measured trade-off).
 Follows LoRO (NeurIPS 2025). Deliberate differences: pads are fresh per row (the public code reuses
 one pad per layer; `pads="fixed"` keeps that mode so attacks can show what reuse costs); pad and
 mask scales are set relative to the row / the weight (the public code draws entries in [0, 0.1)
