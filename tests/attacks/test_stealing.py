@@ -193,3 +193,23 @@ def test_attack_steal_names_a_victim_it_cannot_use(low_rank):
                                  str(prior_dir)])
     assert r.exit_code == 2
     assert "no tokenizer" in r.output
+
+
+def test_offload_leaves_the_device_the_prior_of_a_low_rank_fine_tune(low_rank):
+    """mask='offload': the enclave holds the delta's rank-r truncation, the device W − ΔW_r — for a
+    fine-tune of rank ≤ r the public prior itself (MSP gets nothing), and the answers are still
+    plain's."""
+    cfg, prior, victim, prior_dir, victim_dir = low_rank
+    _, device = protect_loro(cfg, victim, LoroConfig(mask="offload", prior=str(prior_dir)))
+    for name, w in device.items():
+        assert (w - prior[name]).norm() < 1e-3 * (victim[name] - prior[name]).norm().clamp_min(1e-6) \
+            or (victim[name] - prior[name]).norm() == 0, name
+    stolen = msp_model("loro", device, prior, 0)
+    assert all(m == "as held" for m in stolen.method.values())
+    ids = [[1, 5, 9, 2, 7, 3]]
+    with veil.load(str(victim_dir)) as p:
+        ref = p.logits(ids)
+    with veil.load(str(victim_dir), scheme="loro", mask="offload", prior=str(prior_dir)) as m:
+        assert (m.logits(ids) - ref).abs().max() < 1e-4
+    with pytest.raises(veil.ConfigError, match="needs option 'prior'"):
+        veil.load(str(victim_dir), scheme="loro", mask="offload")

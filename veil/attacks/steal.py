@@ -220,7 +220,9 @@ def msp_model(scheme: str, resident: dict[str, torch.Tensor], prior: Weights,
         if name not in prior or w.shape != prior[name].shape or w.dim() != 2:
             continue
         p = prior[name]
-        if scheme == "loro":
+        if scheme == "loro" and peel_rank == 0:       # nothing masked: the weights as they are
+            stolen[name], method[name] = w.clone(), "as held"
+        elif scheme == "loro":
             peeled = peel(w, p, peel_rank)
             stolen[name], method[name] = peeled.weight, f"peel r={peeled.rank}"
             subspaces[name] = (peeled.u, peeled.v)

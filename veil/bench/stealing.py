@@ -65,6 +65,8 @@ def contenders(prior: str) -> tuple[tuple[str, str, dict[str, Any]], ...]:
         ("loro delta r8", "loro", {"mask": "delta", "prior": prior, "rank": 8}),
         ("loro delta r32", "loro", {"mask": "delta", "prior": prior, "rank": 32}),
         ("loro delta r128", "loro", {"mask": "delta", "prior": prior, "rank": 128}),
+        ("loro offload r8", "loro", {"mask": "offload", "prior": prior, "rank": 8}),
+        ("loro offload r32", "loro", {"mask": "offload", "prior": prior, "rank": 32}),
     )
 
 
@@ -198,9 +200,11 @@ class Evaluation:
                 secret_bytes = m.session.resident_secret_bytes()
         protect_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        # LoRO's rank is a public setting (recorded beside the sealed secrets)
-        stolen = msp_model(scheme, resident, self.p.weights,
-                           options.get("rank", LoroConfig().rank) if scheme == "loro" else None)
+        # LoRO's rank and mask kind are public settings (recorded beside the sealed secrets);
+        # an offload "mask" is no large random matrix: nothing to peel, the device's weights are
+        # taken as they are
+        rank = (0 if options.get("mask") == "offload" else options.get("rank", LoroConfig().rank))
+        stolen = msp_model(scheme, resident, self.p.weights, rank if scheme == "loro" else None)
         msp_s = time.perf_counter() - t0
         recovered, rows, cols = [], [], []
         for name in stolen.method:
@@ -258,7 +262,7 @@ def _fine_tune_of(victim: str | Path) -> tuple[TrainSettings, str]:
 
 
 # the LoRA victim's rows: LoRO as published, and delta masks at and above the LoRA's rank
-LORA_LABELS = ("shielded", "loro", "loro delta r8", "loro delta r32")
+LORA_LABELS = ("shielded", "loro", "loro delta r8", "loro offload r8", "loro delta r32")
 LORA_LR = 5e-4
 
 
@@ -418,7 +422,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "learned from the others'; chance is ≈ 4r / dim.", "",
                   "| scheme | bank | mask subspace from 4 other matrices |", "|---|---|---|"]
         for r in multiplexed:
-            bank = r["options"].get("bank", 0 if r["options"].get("mask") == "delta" else 4)
+            bank = r["options"].get("bank", 4 if r["options"].get("mask", "random") == "random"
+                                    else 0)
             lines.append(f"| {r['label']} | {bank} | {r['mask_from_others_median']:.1%} |")
     return "\n".join(lines) + "\n"
 

@@ -100,7 +100,7 @@ def protect_loro(cfg: ModelConfig, weights: Weights,
     """The offline step (in the TEE, at the owner's): secrets to seal, and the device's weights."""
     rng = SecretRng()
     prior = None
-    if lcfg.mask == "delta":
+    if lcfg.mask != "random":
         # the public checkpoint the owner fine-tuned from: only its weights are read
         prior = open_model(lcfg.prior).weights
     bank = make_factors(cfg, weights, lcfg, rng, prior)

@@ -63,10 +63,13 @@ class LoroConfig:
     pads: Literal["fresh", "fixed"] = "fresh"
     # head-block transforms of Q/K/V: Haar rotations, or permutations only (the paper's)
     attention_mixing: Literal["rotate", "permute"] = "rotate"
-    # "random": Gaussian factors (the paper's). "delta" (veil's hardening against the low-rank
-    # peel, veil/attacks/steal.py): each mask spans the top-`rank` singular subspaces of the
-    # matrix's fine-tune delta W − W_prior, `prior` the public checkpoint it was fine-tuned from
-    mask: Literal["random", "delta"] = "random"
+    # "random": Gaussian factors (the paper's). veil's hardenings against the low-rank peel
+    # (veil/attacks/steal.py), for a model fine-tuned from `prior` (the public checkpoint):
+    # "delta": each mask spans the top-`rank` singular subspaces of the matrix's fine-tune delta
+    # W − W_prior; "offload": the "mask" is minus the delta's rank-`rank` truncation, so the
+    # device holds W_prior + (ΔW − ΔW_r) — the prior itself for a LoRA fine-tune of rank ≤ r —
+    # and the enclave adds ΔW_r back (no large random mask: no precision lost either)
+    mask: Literal["random", "delta", "offload"] = "random"
     prior: str | None = None
 
     def __post_init__(self) -> None:
@@ -78,14 +81,17 @@ class LoroConfig:
                 raise ConfigError(f"option {name!r} must be {need}, got {getattr(self, name)}")
         if self.pads not in ("fresh", "fixed"):
             raise ConfigError(f"option 'pads' must be 'fresh' or 'fixed', got {self.pads!r}")
-        if self.mask not in ("random", "delta"):
-            raise ConfigError(f"option 'mask' must be 'random' or 'delta', got {self.mask!r}")
-        if self.mask == "delta" and not self.prior:
-            raise ConfigError("option mask='delta' needs option 'prior': the public checkpoint "
-                              "the protected model was fine-tuned from (e.g. prior=default)")
-        if self.mask == "delta" and self.bank:
-            raise ConfigError("option mask='delta' draws each matrix's factors from its own "
-                              f"delta: a shared bank (bank={self.bank}) cannot; leave bank unset")
+        if self.mask not in ("random", "delta", "offload"):
+            raise ConfigError("option 'mask' must be 'random', 'delta' or 'offload', got "
+                              f"{self.mask!r}")
+        if self.mask != "random" and not self.prior:
+            raise ConfigError(f"option mask={self.mask!r} needs option 'prior': the public "
+                              "checkpoint the protected model was fine-tuned from (e.g. "
+                              "prior=default)")
+        if self.mask != "random" and self.bank:
+            raise ConfigError(f"option mask={self.mask!r} draws each matrix's factors from its "
+                              f"own delta: a shared bank (bank={self.bank}) cannot; leave bank "
+                              "unset")
         if self.attention_mixing not in ("rotate", "permute"):
             raise ConfigError("option 'attention_mixing' must be 'rotate' or 'permute', got "
                               f"{self.attention_mixing!r}")
@@ -94,7 +100,7 @@ class LoroConfig:
     def bank_size(self) -> int:
         if self.bank is not None:
             return self.bank
-        return 0 if self.mask == "delta" else 4
+        return 4 if self.mask == "random" else 0
 
 
 def masked_matrices(cfg: ModelConfig) -> list[str]:
@@ -146,19 +152,20 @@ def _shape(weights: Weights, name: str) -> tuple[int, int]:
 
 
 def delta_subspaces(weights: Weights, prior: Weights, name: str, rank: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-`rank` left (out × k) and right (in × k) singular vectors of W − W_prior: where
-    the fine-tune put its largest changes. Fewer than `rank` directions when the matrix is that
-    thin; random directions fill in where the delta is exactly zero (nothing to hide there)."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-`rank` left (out × k) and right (in × k) singular vectors of W − W_prior and the
+    singular values (k): where the fine-tune put its largest changes. Fewer than `rank`
+    directions when the matrix is that thin; arbitrary ones where the delta is exactly zero
+    (nothing to hide there)."""
     key = f"{name}.weight"
     if key not in prior or prior[key].shape != weights[key].shape:
         raise ConfigError(f"mask='delta': the prior has no {key} of shape "
                           f"{tuple(weights[key].shape)}; is it the checkpoint this model was "
                           "fine-tuned from?")
     d = weights[key].double() - prior[key].double()
-    u, _, vh = torch.linalg.svd(d, full_matrices=False)
+    u, sv, vh = torch.linalg.svd(d, full_matrices=False)
     k = min(rank, u.shape[1])
-    return u[:, :k], vh[:k].t()
+    return u[:, :k], vh[:k].t(), sv[:k]
 
 
 def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
@@ -171,13 +178,19 @@ def make_factors(cfg: ModelConfig, weights: Weights, lcfg: LoroConfig,
     r = lcfg.rank
     bank = FactorBank(rank=r)
     names = masked_matrices(cfg)
-    if lcfg.mask == "delta":
+    if lcfg.mask != "random":
         if prior is None:
-            raise ConfigError("mask='delta' needs the prior's weights")
+            raise ConfigError(f"mask={lcfg.mask!r} needs the prior's weights")
         for n in names:
-            u, v = delta_subspaces(weights, prior, n, r)
+            u, v, sv = delta_subspaces(weights, prior, n, r)
+            if lcfg.mask == "offload":
+                # γ(BA)ᵀ = −U_r·S_r·V_rᵀ exactly (γ = 1, no rescaling below)
+                bank.direct[n] = (v.float(), (-(sv[:, None] * u.t())).float(), 1.0)
+                continue
             bank.direct[n] = ((v @ rng.randn(v.shape[1], r, dtype=torch.float64)).float(),
                               (rng.randn(r, u.shape[1], dtype=torch.float64) @ u.t()).float(), 1.0)
+        if lcfg.mask == "offload":
+            return bank
     elif lcfg.bank_size == 0:
         for n in names:
             i, o = _shape(weights, n)
