@@ -262,7 +262,7 @@ def _fine_tune_of(victim: str | Path) -> tuple[TrainSettings, str]:
 
 
 # the LoRA victim's rows: LoRO as published, and delta masks at and above the LoRA's rank
-LORA_LABELS = ("shielded", "loro", "loro delta r8", "loro offload r8", "loro delta r32")
+LORA_LABELS = ("shielded", "loro", "loro delta r8", "loro offload r8")
 LORA_LR = 5e-4
 
 
