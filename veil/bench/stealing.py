@@ -365,7 +365,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Queries: {results['queries']} of the fine-tune's {results['fine_tune_windows']} "
         "64-token windows (10%), answered with the victim's full next-token distribution; "
         "black-box and MSP+FT train one pass over them (KL to the victim's answers). "
-        f"Seeds: {len(bbs)} (each: new scheme secrets, new queries); cells are "
+        f"Seeds: up to {len(bbs)} (each: new scheme secrets, new queries); cells are "
         "**mean / best** over seeds (best = the attacker's best). Made by "
         "`veil bench stealing` (" + results["time"] + ").",
         "",
@@ -389,11 +389,11 @@ def markdown(results: dict[str, Any]) -> str:
         "a delta mask, where the fine-tune changed each matrix most — so the attacker fits only "
         "an r × r core per matrix there (U·C·Vᵀ added to the peeled weights) on the same queries.",
         "",
-        "| scheme | MSP ppl | MSP top-1 | MSP ×black-box | MSP gain | MSP+FT ×black-box | "
+        "| scheme | seeds | MSP ppl | MSP top-1 | MSP ×black-box | MSP gain | MSP+FT ×black-box | "
         "MSP+FT gain | MSP+subspace-FT gain | agreement (MSP) | delta recovered | "
         "rows / cols in place | enclave mask FLOPs ÷ device | resident secrets | "
         "paper ×black-box |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary(results):
         m, f, sub = r["msp"], r.get("msp+ft"), r.get("msp+subspace-ft")
@@ -403,7 +403,7 @@ def markdown(results: dict[str, Any]) -> str:
                  else f"≥ {PAPER['best earlier scheme']}× (best)" if r["scheme"] in
                  ("tlg", "soter", "nnsplitter", "shadownet") else "—")
         lines.append(
-            f"| {r['label']} | {_pair(m['ppl'], '.2f')} | {_pair(m['top1'], '.4f')} | "
+            f"| {r['label']} | {r['seeds']} | {_pair(m['ppl'], '.2f')} | {_pair(m['top1'], '.4f')} | "
             f"{_pair(m['vs_blackbox'], '.3f')} | {m['gain_stolen'][0]:.0%} / "
             f"{m['gain_stolen'][1]:.0%} | "
             + (f"{_pair(f['vs_blackbox'], '.3f')} | {f['gain_stolen'][0]:.0%} / "

@@ -124,19 +124,26 @@ BASELINES = (
              "permuted weights, permuted inputs; Q/K/V and the KV cache under permutations",
              "x with features permuted",
              "W[π_out][:, π_in]", "weights up to permutations: undone by MSP (veil/attacks/"
-             "steal.py: 100% of rows and columns on the default model's matrices)", True,
+             "steal.py: 100% of rows and columns on every matrix of a fine-tuned default model; "
+             "the whole fine-tune's top-1 gain with no queries — benchmarks/results/stealing.md)",
+             True,
              TlgRunOptions),
     _schemes("soter", "SOTER (ATC'22)", SoterOptions,
              "scaled weights (one scalar per matrix); inputs in the clear",
              "x in the clear (a share of layers stays in the enclave)", "μ·W",
-             "inputs in the clear; weights up to one scalar per matrix", False),
+             "inputs in the clear; weights up to one scalar per matrix (MSP's least-squares "
+             "rescale, the prior for the enclave's share: the whole fine-tune's top-1 gain with "
+             "no queries — benchmarks/results/stealing.md)", False),
     _schemes("nnsplitter", "NNSplitter (ICML'23)", NNSplitterOptions,
              "weights with 1% of them noised; inputs in the clear", "x in the clear",
              "W + Δ (Δ on the 1% largest weights)",
-             "inputs in the clear; 99% of the weights exactly", False),
+             "inputs in the clear; 99% of the weights exactly (MSP resets the noised outliers "
+             "to the prior: the whole fine-tune's top-1 gain with no queries — "
+             "benchmarks/results/stealing.md)", False),
     _schemes("shadownet", "ShadowNet (S&P'23)", BaselineOptions,
              "scaled and permuted weights, permuted inputs", "x with features permuted",
              "diag(s)·W[π_out][:, π_in]",
              "weights up to scale and permutation: undone by MSP + rescaling (veil/attacks/"
-             "steal.py: 100% of rows and columns)", False),
+             "steal.py: 100% of rows and columns; the whole fine-tune's top-1 gain with no "
+             "queries — benchmarks/results/stealing.md)", False),
 )

@@ -75,9 +75,12 @@ LORO = Scheme(
     name="loro", system="LoRO (NeurIPS'25)", protects="model weights", trusted="the TEE",
     sees="W + γ(BA)ᵀ; activations + one-time pads; Q/K/V and the KV cache under secret "
          "head-block orthogonal transforms; token ids (embedding lookups)",
-    kind="tee", status="**implemented**; a model fine-tuned from a public prior is **not** "
-           "protected: the low-rank peel (veil/attacks/steal.py) recovers the fine-tune with no "
-           "queries (#16)", options=LoroOptions, artifact_options=LoroRunOptions,
+    kind="tee", status="**implemented**; as published, a model fine-tuned from a public prior "
+           "is **not** protected: the low-rank peel (veil/attacks/steal.py) returns the whole "
+           "fine-tune with no queries; veil's hardenings (`mask=delta|offload`) cut that to the "
+           "delta beyond rank r, and a LoRA fine-tune under `mask=offload` leaves the device the "
+           "public prior only — see [docs/attacks.md](docs/attacks.md)",
+    options=LoroOptions, artifact_options=LoroRunOptions,
     support=SUPPORT,
     # the device's float32 products carry terms ~(1+mask_ratio)(1+pad_ratio) ≈ 42× larger than
     # the result: ~1e-5 on the tiny presets, measured 2e-3 on the default model
@@ -94,8 +97,12 @@ LORO = Scheme(
                   "each row's RMS within a factor of 2; and, for a model fine-tuned from a "
                   "public prior, the fine-tune itself: W' − W_prior's top singular directions "
                   "are the rank-8 mask, and peeling them (veil/attacks/steal.py, no queries) "
-                  "stole a 60-step Shakespeare fine-tune of the default model whole (held-out "
-                  "ppl: prior 105.4, victim 60.3, stolen 60.4)",
+                  "stole a 200-step Shakespeare fine-tune of the default model whole (held-out "
+                  "ppl: prior 66.6, victim 40.8, stolen 40.8; the whole top-1 gain — "
+                  "benchmarks/results/stealing.md); the shared factor bank lets 4 matrices' "
+                  "peels predict any other's mask subspace (100%). mask='delta' (rank 8/32/128) "
+                  "leaves 48%/23%/13% of the gain to a zero-query attacker, but with 10% of the "
+                  "data as queries an attacker still beats a query-only copy (docs/attacks.md)",
                   holds=("layers.*.weight",), receives=("linear:*layers.*",)),
         Placement("pad products g·W'ᵀ (made offline)", "enclave (seal, open)",
                   "sealed rows to store (offline); it returns them with the linear request "
