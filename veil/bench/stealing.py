@@ -441,7 +441,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for stage, marker in (("msp", "o"), ("msp+ft", "s"), ("msp+subspace-ft", "^")):
         xs = [100 * r["enclave_flops_share"] for r in rows if stage in r]
         ys = [100 * r[stage]["gain_stolen"][0] for r in rows if stage in r]
-        ax.scatter(xs, ys, marker=marker, label=stage.upper())
+        # a diverged fit (far below the prior) is drawn at the axis floor, labelled
+        for x, y in zip(xs, ys):
+            if y < -10:
+                ax.annotate(f"diverged ({y:.0f}%)", (x, -10), fontsize=7, xytext=(-40, 6),
+                            textcoords="offset points")
+        ax.scatter(xs, [max(y, -10) for y in ys], marker=marker, label=stage.upper())
         if stage == "msp":
             for r, x, y in zip(rows, xs, ys):
                 ax.annotate(r["label"], (x, y), fontsize=7, xytext=(4, 3),
@@ -449,6 +454,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     bb = statistics.mean(b["gain_stolen"] for b in results["blackbox"].values())
     ax.axhline(100 * bb, color="grey", ls="--", lw=1, label="black-box copy")
     ax.set_xscale("log")
+    ax.set_ylim(-15, 120)
     ax.set_xlabel("enclave mask-removal FLOPs per token, % of the device's (log)")
     ax.set_ylabel("share of the fine-tune's top-1 gain stolen (%)")
     ax.set_title("LoRO and its hardenings: stolen gain vs enclave cost")
