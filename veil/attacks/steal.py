@@ -73,15 +73,10 @@ def peel(w_device: torch.Tensor, w_prior: torch.Tensor, rank: int | None = None)
 
 def peel_model(device: Weights, prior: Weights, rank: int | None = None) -> tuple[Weights, dict[str, int]]:
     """The stolen model: every matrix the device holds peeled against the prior's, every other
-    parameter (norms, biases, which the enclave keeps) taken from the prior. Returns the weights
-    and the rank removed per matrix."""
-    stolen = {k: v.clone() for k, v in prior.items()}
-    ranks = {}
-    for name, w in device.items():
-        if name in prior and w.shape == prior[name].shape and w.dim() == 2:
-            p = peel(w, prior[name], rank)
-            stolen[name], ranks[name] = p.weight, p.rank
-    return stolen, ranks
+    parameter (norms, biases, which the enclave keeps) taken from the prior (`msp_model` for
+    loro). Returns the weights and the rank removed per matrix."""
+    stolen = msp_model("loro", device, prior, rank)
+    return stolen.weights, {n: u.shape[1] for n, (u, _) in stolen.subspaces.items()}
 
 
 def delta_recovered(stolen: torch.Tensor, prior: torch.Tensor, victim: torch.Tensor) -> float:
@@ -130,11 +125,14 @@ class Unpermuted:
     perm_in: torch.Tensor         # device column j holds true column perm_in[j]
 
 
+def _unit_rows(a: torch.Tensor) -> torch.Tensor:
+    a = a.double()
+    return a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
 def _match(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """For each row of `a`, the row of `b` it is assigned to (max total cosine, one-to-one)."""
-    an = a.double() / a.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
-    bn = b.double() / b.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
-    _, cols = linear_sum_assignment(-(an @ bn.T).numpy())
+    _, cols = linear_sum_assignment(-(_unit_rows(a) @ _unit_rows(b).T).numpy())
     return torch.as_tensor(cols, dtype=torch.long)
 
 
@@ -148,9 +146,8 @@ def msp_unpermute(w_device: torch.Tensor, w_prior: torch.Tensor, rounds: int = 3
     prior's row in least squares."""
     wd = w_device.double()
     wp = w_prior.double()
-    sig_d = (wd / wd.norm(dim=1, keepdim=True).clamp_min(1e-30)).sort(dim=1).values
-    sig_p = (wp / wp.norm(dim=1, keepdim=True).clamp_min(1e-30)).sort(dim=1).values
-    perm_out = _match(sig_d, sig_p)                       # device row i → true row perm_out[i]
+    # device row i → true row perm_out[i]
+    perm_out = _match(_unit_rows(wd).sort(dim=1).values, _unit_rows(wp).sort(dim=1).values)
     for _ in range(rounds):
         rows = torch.empty_like(wd)
         rows[perm_out] = wd                               # true row order, columns still permuted
@@ -242,9 +239,7 @@ def rows_in_place(stolen: torch.Tensor, victim: torch.Tensor) -> tuple[float, fl
     row/column of the victim's matrix is the one at the same index: 1.0 when every permutation
     was undone."""
     def share(a: torch.Tensor, b: torch.Tensor) -> float:
-        an = a.double() / a.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
-        bn = b.double() / b.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
-        best = (an @ bn.T).argmax(dim=1)
+        best = (_unit_rows(a) @ _unit_rows(b).T).argmax(dim=1)
         return float((best == torch.arange(len(a))).double().mean())
     return share(stolen, victim), share(stolen.T, victim.T)
 

@@ -71,8 +71,10 @@ def contenders(prior: str) -> tuple[tuple[str, str, dict[str, Any]], ...]:
 
 
 def score(cfg: ModelConfig, weights: Weights, windows: torch.Tensor,
-          victim_top1: torch.Tensor | None, batch: int = 4) -> dict[str, float]:
-    """Perplexity, top-1 accuracy and agreement with the victim's top-1 over `windows`."""
+          victim_top1: torch.Tensor | None, batch: int = 4
+          ) -> tuple[dict[str, float], torch.Tensor]:
+    """Perplexity, top-1 accuracy and agreement with the victim's top-1 over `windows`, and the
+    model's own top-1 tokens (the victim's are what the others are compared with)."""
     nll, correct, agree, count = 0.0, 0, 0, 0
     tops = []
     with torch.no_grad():
@@ -87,10 +89,8 @@ def score(cfg: ModelConfig, weights: Weights, windows: torch.Tensor,
             if victim_top1 is not None:
                 agree += int((top == victim_top1[i:i + batch]).sum())
             count += target.numel()
-    out = {"ppl": math.exp(nll / count), "top1": correct / count,
-           "agreement": agree / count if victim_top1 is not None else 1.0}
-    out["_top"] = torch.cat(tops)
-    return out
+    return ({"ppl": math.exp(nll / count), "top1": correct / count,
+             "agreement": agree / count if victim_top1 is not None else 1.0}, torch.cat(tops))
 
 
 def heldout_windows(tokenizer, count: int, length: int) -> torch.Tensor:
@@ -114,7 +114,7 @@ def enclave_cost(cfg: ModelConfig, weights: Weights, scheme: str, options: dict[
     2·in·out (the embedding table counted as a lookup: r·d)."""
     if scheme != "loro":
         return {}
-    r = int(options.get("rank", 8))
+    r = int(options.get("rank", LoroConfig().rank))
     enclave = device = 0
     for n in masked_matrices(cfg):
         out_dim, in_dim = weights[f"{n}.weight"].shape
@@ -130,7 +130,7 @@ def enclave_cost(cfg: ModelConfig, weights: Weights, scheme: str, options: dict[
 def _metrics(s: dict[str, float], prior: dict[str, float], victim: dict[str, float],
              blackbox_top1: float | None) -> dict[str, float]:
     gain = victim["top1"] - prior["top1"]
-    out = {k: v for k, v in s.items() if not k.startswith("_")}
+    out = dict(s)
     out["gain_stolen"] = (s["top1"] - prior["top1"]) / gain if gain else 0.0
     if blackbox_top1 is not None:    # None when the black-box copy got nothing right
         out["vs_blackbox"] = s["top1"] / blackbox_top1 if blackbox_top1 > 0 else None
@@ -160,12 +160,11 @@ class Evaluation:
         # measured on the default model's delta r8 row (seed 0): 1e-3 → 86% of the gain,
         # 1e-2 → 98%, 3e-2 → 85%
         self.subspace_lr = subspace_lr
-        victim_scores = score(self.cfg, self.v.weights, self.heldout, None)
-        self.victim_top = victim_scores.pop("_top")
-        self.victim = victim_scores
-        prior_scores = score(self.cfg, self.p.weights, self.heldout, self.victim_top)
-        prior_scores.pop("_top")
-        self.prior = prior_scores
+        self.victim, self.victim_top = score(self.cfg, self.v.weights, self.heldout, None)
+        self.prior = self.score(self.p.weights)
+
+    def score(self, weights: Weights) -> dict[str, float]:
+        return score(self.cfg, weights, self.heldout, self.victim_top)[0]
 
     def queries(self, seed: int) -> torch.Tensor:
         return query_set(self.train_windows, self.query_share, seed)
@@ -175,10 +174,7 @@ class Evaluation:
         t0 = time.perf_counter()
         distill(self.cfg, student, self.v.weights, self.queries(seed), epochs=self.epochs,
                 seed=seed)
-        took = time.perf_counter() - t0
-        s = score(self.cfg, student, self.heldout, self.victim_top)
-        s.pop("_top")
-        return s, took
+        return self.score(student), time.perf_counter() - t0
 
     def blackbox(self, seed: int) -> dict[str, Any]:
         s, took = self._distilled(self.p.weights, seed)
@@ -214,10 +210,8 @@ class Evaluation:
                 r, c = rows_in_place(stolen.weights[name], self.v.weights[name])
                 rows.append(r)
                 cols.append(c)
-        s = score(self.cfg, stolen.weights, self.heldout, self.victim_top)
-        s.pop("_top")
         out: dict[str, Any] = {
-            "msp": _metrics(s, self.prior, self.victim, blackbox_top1),
+            "msp": _metrics(self.score(stolen.weights), self.prior, self.victim, blackbox_top1),
             "matrices_on_device": len(stolen.method),
             "delta_recovered_median": statistics.median(recovered) if recovered else 0.0,
             "resident_secret_bytes": secret_bytes, "protect_s": protect_s, "msp_s": msp_s,
@@ -243,10 +237,8 @@ class Evaluation:
                                      self.queries(seed), epochs=self.epochs, seed=seed,
                                      lr=self.subspace_lr)
             took = time.perf_counter() - t0
-            sc = score(self.cfg, w, self.heldout, self.victim_top)
-            sc.pop("_top")
-            out["msp+subspace-ft"] = {**_metrics(sc, self.prior, self.victim, blackbox_top1),
-                                      "train_s": took}
+            out["msp+subspace-ft"] = {**_metrics(self.score(w), self.prior, self.victim,
+                                                 blackbox_top1), "train_s": took}
         return out
 
 

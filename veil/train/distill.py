@@ -50,23 +50,32 @@ def query_batches(queries: torch.Tensor, s: TrainSettings):
     return at
 
 
-def distill(cfg: ModelConfig, student: Weights, teacher: Weights, queries: torch.Tensor,
-            epochs: int = 1, batch: int = 8, lr: float = 1e-4, seed: int = 0,
-            progress: bool = False) -> list[dict]:
-    """Train `student` (in place) on the teacher's answers to `queries` ((N, T) token ids):
-    `epochs` passes in batches of `batch`. Returns the loss log."""
+def _fit(params: Weights, loss, queries: torch.Tensor, epochs: int, batch: int, lr: float,
+         seed: int, desc: str, progress: bool, weight_decay: float) -> list[dict]:
+    """`epochs` passes over `queries` ((N, T) token ids) in batches of `batch`, optimising
+    `params` in place with the trainer (a throw-away run folder: these fits are short)."""
     if queries.dim() != 2 or len(queries) < batch:
         raise ConfigError(f"distillation needs at least {batch} query windows, got "
                           f"{tuple(queries.shape)}")
     steps = max(1, epochs * (len(queries) // batch))
     s = TrainSettings(steps=steps, batch=batch, seq=int(queries.shape[1]), lr=lr, seed=seed,
-                      warmup=max(1, min(10, steps // 10)), checkpoint_every=steps)
+                      warmup=max(1, min(10, steps // 10)), checkpoint_every=steps,
+                      weight_decay=weight_decay)
+    with tempfile.TemporaryDirectory(prefix="veil-distill-") as tmp:
+        return train(params, loss, np.zeros(0, dtype=np.int64), s,
+                     Run(Path(tmp) / "run", s, {"distill": desc}), desc, progress=progress,
+                     batches=query_batches(queries, s))
+
+
+def distill(cfg: ModelConfig, student: Weights, teacher: Weights, queries: torch.Tensor,
+            epochs: int = 1, batch: int = 8, lr: float = 1e-4, seed: int = 0,
+            progress: bool = False) -> list[dict]:
+    """Train `student` (in place) on the teacher's answers to `queries` ((N, T) token ids):
+    `epochs` passes in batches of `batch`. Returns the loss log."""
     for k in student:
         student[k] = student[k].detach().clone().float()
-    with tempfile.TemporaryDirectory(prefix="veil-distill-") as tmp:
-        return train(student, kd_loss(cfg, teacher), np.zeros(0, dtype=np.int64), s,
-                     Run(Path(tmp) / "run", s, {"distill": True}), "distill", progress=progress,
-                     batches=query_batches(queries, s))
+    return _fit(student, kd_loss(cfg, teacher), queries, epochs, batch, lr, seed, "distill",
+                progress, weight_decay=TrainSettings.weight_decay)
 
 
 def distill_in_subspaces(cfg: ModelConfig, base: Weights, subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -76,9 +85,6 @@ def distill_in_subspaces(cfg: ModelConfig, base: Weights, subspaces: dict[str, t
     V (in × k) fixed, only the k × k core C trained (from zero). An attacker who learned where a
     fine-tune changed a matrix (its singular subspaces) fits the change there from few queries.
     Returns the assembled weights."""
-    if queries.dim() != 2 or len(queries) < batch:
-        raise ConfigError(f"distillation needs at least {batch} query windows, got "
-                          f"{tuple(queries.shape)}")
     fixed = {k: v.detach().float() for k, v in base.items()}
     basis = {n: (u.float(), v.float()) for n, (u, v) in subspaces.items()}
     cores = {n: torch.zeros(u.shape[1], v.shape[1]) for n, (u, v) in basis.items()}
@@ -90,13 +96,7 @@ def distill_in_subspaces(cfg: ModelConfig, base: Weights, subspaces: dict[str, t
         return w
 
     inner = kd_loss(cfg, teacher)
-    steps = max(1, epochs * (len(queries) // batch))
-    s = TrainSettings(steps=steps, batch=batch, seq=int(queries.shape[1]), lr=lr, seed=seed,
-                      warmup=max(1, min(10, steps // 10)), checkpoint_every=steps,
-                      weight_decay=0.0)
-    with tempfile.TemporaryDirectory(prefix="veil-distill-") as tmp:
-        train(cores, lambda c, ids, gen: inner(assemble(c), ids, gen),
-              np.zeros(0, dtype=np.int64), s, Run(Path(tmp) / "run", s, {"distill": "cores"}),
-              "distill (subspaces)", progress=progress, batches=query_batches(queries, s))
+    _fit(cores, lambda c, ids, gen: inner(assemble(c), ids, gen), queries, epochs, batch, lr,
+         seed, "distill (subspaces)", progress, weight_decay=0.0)
     with torch.no_grad():
         return {k: v.detach() for k, v in assemble(cores).items()}

@@ -25,8 +25,9 @@ from veil.train.trainer import Run, TrainSettings, batch_at, train
 TRAIN_CHARS = 3_000_000
 
 
-def default_out(model: str, corpus: str, steps: int) -> Path:
-    return zoo.cache_dir() / "victims" / f"{Path(model).name}-{corpus}-{steps}"
+def default_out(model: str, corpus: str, steps: int, lora_rank: int | None = None) -> Path:
+    suffix = f"-lora{lora_rank}" if lora_rank else ""
+    return zoo.cache_dir() / "victims" / f"{Path(model).name}-{corpus}-{steps}{suffix}"
 
 
 def finetune_settings(steps: int, batch: int = 8, seq: int = 64, lr: float = 1e-4,
@@ -43,9 +44,7 @@ def finetune(model: str, steps: int, corpus: str = "shakespeare", out: Path | No
     s = settings or finetune_settings(steps)
     if lora_rank is not None and lora_rank < 1:
         raise ConfigError(f"lora rank must be ≥ 1, got {lora_rank}")
-    suffix = f"-lora{lora_rank}" if lora_rank else ""
-    out = Path(out) if out is not None else default_out(model, corpus, s.steps).with_name(
-        default_out(model, corpus, s.steps).name + suffix)
+    out = Path(out) if out is not None else default_out(model, corpus, s.steps, lora_rank)
     if (out / "model.safetensors").is_file():
         return out
     opened = open_model(model)
