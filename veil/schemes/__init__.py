@@ -6,6 +6,7 @@ from __future__ import annotations
 from veil.errors import UnsupportedError
 from veil.schemes.base import Scheme
 from veil.schemes.baselines import BASELINES
+from veil.schemes.he import HE
 from veil.schemes.kvshield import KVSHIELD
 from veil.schemes.loro import LORO
 from veil.schemes.mpc import MERGE, MPC
@@ -13,7 +14,7 @@ from veil.schemes.plain import PLAIN
 from veil.schemes.shielded import SHIELDED
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
-    PLAIN, SHIELDED, LORO, *BASELINES, KVSHIELD, MPC, MERGE,
+    PLAIN, SHIELDED, LORO, *BASELINES, KVSHIELD, MPC, MERGE, HE,
 )}
 
 
@@ -25,7 +26,7 @@ def get(name: str) -> Scheme:
 
 
 def of_kind(kind: str) -> list[Scheme]:
-    """The schemes of one kind (host | tee | mpc), in registry order."""
+    """The schemes of one kind (host | tee | mpc | he), in registry order."""
     return [s for s in SCHEMES.values() if s.kind == kind]
 
 
