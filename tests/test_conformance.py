@@ -103,6 +103,12 @@ def test_mpc_schemes_match_plain(name, merge_model):
         assert m.generate([3, 17, 99, 5], max_new_tokens=4, ignore_eos=True).token_ids == ref
 
 
+# the knobs a variant cannot go without: a polynomial needs its coefficients (and range)
+VARIANT_NEEDS = {("activation", "poly"): {"poly": (0.145, 0.5, 0.126), "act_bound": 4.0},
+                 ("norm", "poly"): {"norm_poly": (2.0, -1.5, 0.4), "norm_lo": 0.25,
+                                    "norm_hi": 4.0}}
+
+
 def _variants(preset: str):
     """(op, value, config) for every variant plain runs, applied to a tiny preset."""
     base = zoo.preset(preset)
@@ -110,7 +116,7 @@ def _variants(preset: str):
         for value in sorted(values):
             knob = VARIANT_KNOBS[op]
             if getattr(base, knob) != value:
-                yield op, value, base.with_(**{knob: value})
+                yield op, value, base.with_(**{knob: value, **VARIANT_NEEDS.get((op, value), {})})
 
 
 def _children() -> set[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -60,21 +62,59 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def attention_mask(step: Step, t_new: int, total: int) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask, or None when plain causal attention is exact.
-
-    A padded query still sees itself, so no softmax row is empty (an empty row gives NaN, and NaN
-    times a zero weight still poisons the next layer).
-    """
-    if step.key_valid is None and (t_new == 1 or step.start == 0):
-        return None
+def allowed_keys(step: Step, t_new: int, total: int) -> torch.Tensor:
+    """Boolean (B | 1, T, S): which of the cache slots 0..total-1 each new query may attend to —
+    causal, minus left padding. A padded query still sees itself, so no row is empty (an empty
+    softmax row gives NaN, and NaN times a zero weight still poisons the next layer)."""
     q_slot = torch.arange(step.start, step.start + t_new)[:, None]       # (T, 1)
     k_slot = torch.arange(total)[None, :]                                 # (1, S)
     allowed = (k_slot <= q_slot)[None]                                    # (1, T, S)
     if step.key_valid is not None:
         allowed = allowed & step.key_valid[:, None, :total]               # (B, T, S)
-    allowed = allowed | (k_slot == q_slot)[None]
-    return allowed[:, None]                                               # (B, 1, T, S)
+    return allowed | (k_slot == q_slot)[None]
+
+
+def attention_mask(step: Step, t_new: int, total: int) -> torch.Tensor | None:
+    """`allowed_keys` as a (B, 1, T, S) mask, or None when plain causal attention is exact."""
+    if step.key_valid is None and (t_new == 1 or step.start == 0):
+        return None
+    return allowed_keys(step, t_new, total)[:, None]                      # (B, 1, T, S)
+
+
+def poly_eval(coeffs: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    """Σ_k coeffs[k]·x^k (low → high degree), by Horner's rule."""
+    out = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        out = out * x + c
+    return out
+
+
+def power_scores(cfg: ModelConfig, q: torch.Tensor, keys: torch.Tensor, step: Step
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power-Softmax's scores: s (B, nkv, G, T, S) = q·k/√head_dim on the keys each query may
+    attend to and exactly 0 elsewhere (a multiplicative mask: the HE backend cannot compare, it
+    multiplies by the public 0/1 mask), with that mask (B | 1, 1, 1, T, S). q is (B, T, nh·hd)
+    with head h = kv·G + g reading kv head kv (grouped-query attention); keys (B, nkv, S, hd)."""
+    B, T, _ = q.shape
+    nkv, hd = cfg.n_kv_heads, cfg.head_dim
+    qh = q.view(B, T, nkv, cfg.n_heads // nkv, hd).permute(0, 2, 3, 1, 4)   # (B, nkv, G, T, hd)
+    scores = qh @ keys[:, :, None].transpose(-1, -2) / math.sqrt(hd)       # (B, nkv, G, T, S)
+    allowed = allowed_keys(step, T, keys.shape[2])[:, None, None]         # (B|1, 1, 1, T, S)
+    return scores * allowed, allowed
+
+
+def power_weights(cfg: ModelConfig, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """a_ij = s_ij^p / (L_i·ε + Σ_j s_ij^p)  (length-agnostic; ε + Σ_j s_ij^p otherwise), L_i the
+    number of keys row i may see. Evaluated with the row divided by c_i = max_j |s_ij| + δ and ε
+    by c_i^p — the same function, but no power overflows. c_i is a constant of the function
+    (the formula does not depend on it), so it is detached: no gradient through the max."""
+    p = cfg.power_p
+    c = (s.detach().abs().amax(-1, keepdim=True) + cfg.power_delta)        # (…, T, 1)
+    r = (s / c).pow(p)
+    eps = cfg.power_eps
+    if cfg.power_length_agnostic:
+        eps = eps * allowed.sum(-1, keepdim=True).to(s.dtype)             # L_i · ε
+    return r / (eps / c.pow(p) + r.sum(-1, keepdim=True))
 
 
 def constant_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -106,11 +146,11 @@ class TorchOps:
 
     name = "plain"
     support = {
-        "norm": frozenset({"rms", "layer", "affine"}),
-        "activation": frozenset({"silu", "gelu", "gelu_tanh", "quad"}),
+        "norm": frozenset({"rms", "layer", "affine", "poly"}),
+        "activation": frozenset({"silu", "gelu", "gelu_tanh", "quad", "poly"}),
         "mlp": frozenset({"gated", "plain"}),
         "position": frozenset({"rope", "learned"}),
-        "attention": frozenset({"softmax", "constant"}),
+        "attention": frozenset({"softmax", "constant", "power"}),
         "generation": frozenset({"standard", "embedding_resend"}),
     }
 
@@ -138,6 +178,8 @@ class TorchOps:
         if self.cfg.norm == "rms":
             # written out: faster than F.rms_norm on CPU for decode-sized inputs
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * w
+        if self.cfg.norm == "poly":
+            return x * poly_eval(self.cfg.norm_poly, x.pow(2).mean(-1, keepdim=True)) * w
         return F.layer_norm(x, (x.shape[-1],), w, self.w[f"{name}.bias"], self.cfg.norm_eps)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -173,16 +215,26 @@ class TorchOps:
             return self._constant_attention(layer, v, step, cache)
         B, T, _ = q.shape
         end = step.start + T
-        qh = q.view(B, T, cfg.n_heads, hd).transpose(1, 2)               # (B, nh, T, hd)
         cache.k[layer, :, :, step.start:end] = k.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
         cache.v[layer, :, :, step.start:end] = v.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
         keys = cache.k[layer, :, :, :end]                                 # (B, nkv, S, hd)
         values = cache.v[layer, :, :, :end]
+        if cfg.attention == "power":
+            probs = power_weights(cfg, *self.power_scores(layer, q, keys, step))  # (B,nkv,G,T,S)
+            out = probs @ values[:, :, None]                              # (B, nkv, G, T, hd)
+            return out.permute(0, 3, 1, 2, 4).reshape(B, T, cfg.q_dim)
+        qh = q.view(B, T, cfg.n_heads, hd).transpose(1, 2)               # (B, nh, T, hd)
         mask = attention_mask(step, T, end)
         causal = mask is None and T > 1
         out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, is_causal=causal,
                                              enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         return out.transpose(1, 2).reshape(B, T, cfg.q_dim)               # (B, T, nh*hd)
+
+    def power_scores(self, layer: int, q: torch.Tensor, keys: torch.Tensor, step: Step
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Power attention's masked scores and mask (`power_scores`); a method so that training's
+        range loss (variants/power.py) can note the scores of the one forward."""
+        return power_scores(self.cfg, q, keys, step)
 
     def _constant_attention(self, layer: int, v: torch.Tensor, step: Step,
                             cache: KVCache) -> torch.Tensor:
@@ -210,6 +262,8 @@ class TorchOps:
         if kind == "quad":
             c2, c1, c0 = self.cfg.quad
             return (c2 * x + c1) * x + c0
+        if kind == "poly":
+            return poly_eval(self.cfg.poly, x)
         if kind == "silu":
             return F.silu(x)
         return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")

@@ -56,18 +56,44 @@ class ModelConfig:
     d_ff: int
     max_seq_len: int
     head_dim: int = 0  # 0 → d_model // n_heads
-    norm: str = "rms"  # rms | layer | affine (MERGE: x·w + b, no statistics)
+    # rms | layer | affine (MERGE: x·w + b, no statistics) | poly (Power-Softmax: RMS with a
+    # polynomial inverse square root, below)
+    norm: str = "rms"
     norm_eps: float = 1e-5
-    activation: str = "silu"  # silu | gelu | gelu_tanh | quad (c₂x² + c₁x + c₀, below)
+    # silu | gelu | gelu_tanh | quad (c₂x² + c₁x + c₀, below) | poly (Σ_k poly[k]·x^k, below)
+    activation: str = "silu"
     # quad's (c₂, c₁, c₀): MPCFormer's GeLU stand-in by default (MERGE uses it); variants/merge.py
     # fits SiLU's for the gated families
     quad: tuple[float, float, float] = (0.125, 0.25, 0.5)
+    # activation="poly": coefficients c₀, c₁, …, cₙ (low → high degree), a least-squares fit of
+    # the base activation on [−act_bound, act_bound] (variants/power.py); polynomials are all a
+    # homomorphic-encryption backend can evaluate, and each doubling of the degree costs it a level
+    poly: tuple[float, ...] = ()
+    act_bound: float = 0.0     # R: the fit's range, which training's range loss keeps inputs in
+    # norm="poly": y = x · q(mean(x²)) · w with q(u) = Σ_k norm_poly[k]·u^k fitted to u^(−1/2) on
+    # [norm_lo, norm_hi] — an RMS norm without the inverse square root an HE backend cannot take
+    norm_poly: tuple[float, ...] = ()
+    norm_lo: float = 0.0
+    norm_hi: float = 0.0
     mlp: str = "gated"  # gated (SwiGLU: act(x Wg) * x Wu) | plain (act(x Wu))
     position: str = "rope"  # rope | learned
     rope: RopeConfig = field(default_factory=RopeConfig)
     # softmax | constant (MERGE: a learned per-layer (heads, L, L) table replaces softmax(QKᵀ);
-    # no q/k projections, no rope)
+    # no q/k projections, no rope) | power (Power-Softmax, arXiv 2410.09457: softmax's exp
+    # replaced by an even power, so attention is a polynomial and one division per query row)
     attention: str = "softmax"
+    # attention="power", with s_ij = q_i·k_j/√head_dim on the L_i keys query i may see (0 on the
+    # others):  a_ij = s_ij^p / (L_i·ε + Σ_j s_ij^p)  (length-agnostic: ε is compared with the
+    # row's *mean* power, so short and long rows are normalised alike)  or  s_ij^p / (ε + Σ_j
+    # s_ij^p)  (not length-agnostic). backends/plain.py computes it with the row scaled by
+    # max_j |s_ij| + δ (the same function, no overflow).
+    power_p: int = 4                  # the even power p ≥ 2
+    power_eps: float = 1.0            # ε > 0: keeps the division away from 0 for flat rows
+    power_length_agnostic: bool = True
+    power_delta: float = 1e-3         # δ > 0 of the stable form (an all-zero row stays finite)
+    # B: the public bound on |s_ij| that training's range loss enforces (0 = none). An HE backend
+    # needs it > 0: it sizes the division's range [ε/(ε + B^p), 1] and so its depth.
+    score_bound: float = 0.0
     # standard | embedding_resend (MERGE: the last hidden state is the next input embedding;
     # the LM head runs once, after generation)
     generation: str = "standard"
@@ -97,12 +123,13 @@ class ModelConfig:
                               f"n_kv_heads={self.n_kv_heads}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
-        for knob, value, allowed in (("norm", self.norm, ("rms", "layer", "affine")),
+        for knob, value, allowed in (("norm", self.norm, ("rms", "layer", "affine", "poly")),
                                      ("activation", self.activation,
-                                      ("silu", "gelu", "gelu_tanh", "quad")),
+                                      ("silu", "gelu", "gelu_tanh", "quad", "poly")),
                                      ("mlp", self.mlp, ("gated", "plain")),
                                      ("position", self.position, ("rope", "learned")),
-                                     ("attention", self.attention, ("softmax", "constant")),
+                                     ("attention", self.attention,
+                                      ("softmax", "constant", "power")),
                                      ("generation", self.generation,
                                       ("standard", "embedding_resend"))):
             if value not in allowed:
@@ -111,6 +138,47 @@ class ModelConfig:
         if self.merged and (self.attention != "constant" or self.norm != "affine"):
             raise ConfigError("model config: merged=True needs attention='constant' and "
                               "norm='affine' (only those fold exactly into the projections)")
+        self._check_polynomial_knobs()
+
+    def _check_polynomial_knobs(self) -> None:
+        """The Power-Softmax knobs (checked whatever the variant: a bad value is bad anywhere).
+        Coefficient lists are stored as float tuples, so a config read from JSON compares equal
+        to the one written."""
+        for knob in ("poly", "norm_poly"):
+            try:
+                coeffs = tuple(float(c) for c in getattr(self, knob))
+            except (TypeError, ValueError):
+                raise ConfigError(f"model config: {knob} must be a sequence of numbers, got "
+                                  f"{getattr(self, knob)!r}") from None
+            if not all(math.isfinite(c) for c in coeffs):
+                raise ConfigError(f"model config: {knob} holds a non-finite coefficient")
+            object.__setattr__(self, knob, coeffs)
+        p = self.power_p
+        if isinstance(p, bool) or not isinstance(p, int) or p < 2 or p % 2:
+            raise ConfigError(f"model config: power_p must be an even integer ≥ 2 (an odd power "
+                              f"gives negative attention weights), got {p!r}")
+        for knob in ("power_eps", "power_delta"):
+            value = getattr(self, knob)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"model config: {knob} must be a positive number, got {value!r}")
+        for knob in ("score_bound", "act_bound", "norm_lo", "norm_hi"):
+            value = getattr(self, knob)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"model config: {knob} must be a number ≥ 0, got {value!r}")
+        if not isinstance(self.power_length_agnostic, bool):
+            raise ConfigError(f"model config: power_length_agnostic must be true or false, got "
+                              f"{self.power_length_agnostic!r}")
+        if self.activation == "poly" and not self.poly:
+            raise ConfigError("model config: activation='poly' needs the coefficients `poly` "
+                              "(c0, c1, …, low → high degree)")
+        if self.norm == "poly":
+            if not self.norm_poly:
+                raise ConfigError("model config: norm='poly' needs the coefficients `norm_poly` "
+                                  "of its inverse square root")
+            if not 0 < self.norm_lo < self.norm_hi:
+                raise ConfigError(f"model config: norm='poly' needs 0 < norm_lo < norm_hi (the "
+                                  f"range its inverse square root was fitted on), got "
+                                  f"norm_lo={self.norm_lo}, norm_hi={self.norm_hi}")
 
     @property
     def q_dim(self) -> int:
@@ -131,7 +199,7 @@ class ModelConfig:
             attn += (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + d * self.o_bias
         n_mlp_in = 2 if self.mlp == "gated" else 1
         mlp = (n_mlp_in + 1) * d * self.d_ff + (n_mlp_in * self.d_ff + d) * self.mlp_bias
-        norm = d * (1 if self.norm == "rms" else 2)
+        norm = d * (1 if self.norm in ("rms", "poly") else 2)
         layer_norms = 0 if self.merged else 2 * norm
         total = L * (attn + mlp + layer_norms) + norm + self.vocab_size * d
         if not self.tie_embeddings:
@@ -297,6 +365,16 @@ PRESETS: dict[str, ModelConfig] = {
                              activation="gelu_tanh", mlp="plain", position="learned",
                              qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True,
                              bos_token_id=0, eos_token_ids=(0,), name="tiny-gpt2"),
+    # Power-Softmax (variants/power.py): every op a polynomial or one division per attention row,
+    # what the HE backend runs. The activation is GeLU's least-squares quadratic on ±4 (GeLU's
+    # odd part is exactly x/2, so the cubic fit is this quadratic); B=2, p=4, ε=4 keeps the
+    # division's Goldschmidt range [ε/(ε+B^p), 1] = [0.2, 1] (5 iterations to 1e-3).
+    "tiny-power": ModelConfig(family="llama", vocab_size=256, d_model=32, n_layers=2, n_heads=2,
+                              n_kv_heads=2, d_ff=64, max_seq_len=32, norm="affine",
+                              activation="poly", poly=(0.256445, 0.5, 0.127685), act_bound=4.0,
+                              mlp="plain", position="rope", attention="power", power_p=4,
+                              power_eps=4.0, score_bound=2.0, tie_embeddings=True,
+                              bos_token_id=1, eos_token_ids=(2,), name="tiny-power"),
 }
 
 

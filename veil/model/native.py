@@ -24,6 +24,8 @@ from veil.model.config import ModelConfig, RopeConfig
 from veil.model.weights import Weights, expected_shapes, read_safetensors, validate
 
 CONFIG_FILE = "veil_model.json"
+# the config's tuple fields (JSON lists in the file)
+TUPLE_FIELDS = ("eos_token_ids", "quad", "poly", "norm_poly")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt")
 
@@ -34,8 +36,8 @@ def is_native(folder: Path) -> bool:
 
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
-    out["eos_token_ids"] = list(cfg.eos_token_ids)
-    out["quad"] = list(cfg.quad)
+    for knob in TUPLE_FIELDS:
+        out[knob] = list(getattr(cfg, knob))
     return out
 
 
@@ -49,9 +51,11 @@ def config_from_dict(data: Any, source: str) -> ModelConfig:
     data = dict(data)
     try:
         data["rope"] = RopeConfig(**data.get("rope", {}))
-        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
-        if "quad" in data:
-            data["quad"] = tuple(data["quad"])
+        for knob in TUPLE_FIELDS:
+            if knob in data:
+                if not isinstance(data[knob], list):
+                    raise ConfigError(f"{source}: {knob} must be a list of numbers")
+                data[knob] = tuple(data[knob])
         return ModelConfig(**data)
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from None

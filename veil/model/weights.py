@@ -28,7 +28,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
     if cfg.position == "learned":
         shapes["pos_embed.weight"] = (cfg.max_seq_len, d)
-    norm_params = ("weight",) if cfg.norm == "rms" else ("weight", "bias")
+    norm_params = ("weight",) if cfg.norm in ("rms", "poly") else ("weight", "bias")
     # a merged MERGE model has its per-layer norms folded into the projections (variants/merge.py)
     layer_norms = () if cfg.merged else ("attn_norm", "mlp_norm")
     for i in range(cfg.n_layers):

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from veil.backends.plain import TorchOps
 from veil.errors import ConfigError
 from veil.model.config import ModelConfig
+
+# The variants the jax program (mpc/jax_ops.py) runs: plain's, less Power-Softmax's polynomial
+# norm, activation and attention (written for the HE backend; the program has no code for them).
+SUPPORT = {**TorchOps.support, "norm": TorchOps.support["norm"] - {"poly"},
+           "activation": TorchOps.support["activation"] - {"poly"},
+           "attention": TorchOps.support["attention"] - {"power"}}
 
 PROTOCOLS = {"semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2), "aby3": ("ABY3", 3)}
 FIELDS = {"fm64": "FM64", "fm128": "FM128"}

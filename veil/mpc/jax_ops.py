@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from veil.backends.plain import TorchOps
 from veil.model.config import ModelConfig, rope_inv_freq
 from veil.model.ops import Step
+from veil.mpc.config import SUPPORT
 
 
 @dataclass
@@ -64,7 +64,7 @@ class JaxOps:
     parameters (by canonical name) and the constant tables."""
 
     name = "jax"
-    support = TorchOps.support      # every variant plain runs (MERGE's join with the variants)
+    support = SUPPORT               # plain's variants but Power-Softmax's (MERGE's among them)
     mask_fill = -1e9          # score of a masked key before the softmax (see the module docstring)
 
     def __init__(self, cfg: ModelConfig, params: dict[str, Any]) -> None:

@@ -30,8 +30,7 @@ from veil.model.config import ModelConfig
 from veil.model.generate import GenerationTrace, SamplingConfig
 from veil.model.opening import OpenedModel
 from veil.model.weights import Weights
-from veil.mpc.config import MpcConfig
-from veil.backends.plain import TorchOps
+from veil.mpc.config import SUPPORT, MpcConfig
 from veil.schemes.base import FixedLengthSession, Placement, Scheme, SchemeOptions, Tolerance
 
 
@@ -123,7 +122,7 @@ MPC = Scheme(
            "plaintext; each weight's Beaver mask opened once per session (vanilla decode step "
            "33 → 15 s on GPT-2-base shapes); `semi2k` trusts rank 0 as dealer — see "
            "[docs/mpc.md](docs/mpc.md)",
-    options=MpcOptions, support=TorchOps.support, tolerance=_FXP, open=_opener("mpc"),
+    options=MpcOptions, support=SUPPORT, tolerance=_FXP, open=_opener("mpc"),
     placement=(
         Placement("embedding (one-hot × table), forward, LM head, argmax", "all parties (shares)",
                   "shares of the weights / the prompt; masked values opened by the protocol",
@@ -142,7 +141,7 @@ MERGE = Scheme(
            "generation with the paper's ending (logits to the client, `reveal=\"logits\"`), "
            "3.2× / 3.8× with tokens only — short of the paper's 7.75×/26.5× (see "
            "[docs/merge.md](docs/merge.md))",
-    options=MpcOptions, support=TorchOps.support, tolerance=_FXP, open=_opener("merge"),
+    options=MpcOptions, support=SUPPORT, tolerance=_FXP, open=_opener("merge"),
     check_model=_check_merge_model,
     placement=(
         Placement("attention table softmax (constant attention)", "owner, in plaintext",
