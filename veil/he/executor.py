@@ -382,7 +382,9 @@ class HeOps:
                 x = self._refresh(x, "rms", name)
             return Enc(x.cts, x.width, lay.per_feature(wv))
         coeffs = tuple(c / x.width ** i for i, c in enumerate(cfg.norm_poly))   # q(S / width)
-        x = self.ensure(x, 1 + poly_depth(coeffs) + 1 + follow, name)
+        own = 1 + poly_depth(coeffs) + 1
+        # refresh once for the norm and what reads it when both fit one set's levels
+        x = self.ensure(x, own + follow if own + follow <= self.eng.params.levels else own, name)
         with self.category("norm"):
             sq = [self.eng.mul(c, c) for c in x.cts]
             for ci in range(len(sq)):
