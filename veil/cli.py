@@ -226,6 +226,38 @@ def train_finetune(model: str = typer.Option("default"),
     print(f"fine-tuned model → {folder}   (veil eval ppl --model {folder})")
 
 
+@train_app.command("power")
+@_clean_errors
+def train_power(target: str = typer.Option("default", help="default (convert the default model) "
+                                           "| small (a 2-layer model for end-to-end HE)"),
+                layers: int = typer.Option(0, help="target default: keep the first N layers "
+                                                   "(0 = all 30)"),
+                softmax: bool = typer.Option(False, help="target small: the softmax/SiLU/RMS "
+                                                         "baseline of the same architecture"),
+                norm: str = typer.Option("", help="keep | poly (default: keep for target "
+                                                  "default, poly for small)"),
+                steps: Optional[int] = typer.Option(None, help="AdamW steps (default: the "
+                                                               "target's, ≲ 20 min on a CPU)"),
+                lr: Optional[float] = typer.Option(None),
+                out_dir: Optional[str] = typer.Option(None, "--out",
+                                                      help="run folder (default: in the cache)"),
+                ) -> None:
+    """Power-Softmax (polynomial) models for the HE backend: convert the default model by
+    distillation, or train a small one. Resumable: run the same command again."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from veil.train.power_recipe import PowerRecipe, default_out, default_settings, run_recipe
+
+    s = default_settings(target) if target in ("default", "small") else None
+    if s is not None and (steps is not None or lr is not None):
+        s = replace(s, steps=steps or s.steps, lr=lr or s.lr)
+    r = PowerRecipe(target=target, layers=layers, softmax=softmax, norm=norm, settings=s)
+    folder = run_recipe(r, Path(out_dir) if out_dir else default_out(r))
+    print(f"Power-Softmax model → {folder}   (veil eval ppl --model {folder} --window 63; the "
+          "quality table: python -m veil.train.power_recipe)")
+
+
 @app.command()
 @_clean_errors
 def protect(model: str = typer.Argument("default"),
