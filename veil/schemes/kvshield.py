@@ -80,7 +80,11 @@ def _open_protected(art: Opened, o: KvShieldOptions) -> TeeSession:
                                        device, art.weight_of), owned=True)
 
 
+# the device runs the norms and activations from the HF config.json it is sent, which has no
+# place for Power-Softmax's polynomial coefficients
 SUPPORT = {**TorchOps.support, "attention": frozenset({"softmax"}),
+           "norm": TorchOps.support["norm"] - {"poly"},
+           "activation": TorchOps.support["activation"] - {"poly"},
            "generation": frozenset({"standard"})}
 
 KVSHIELD = Scheme(
