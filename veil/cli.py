@@ -423,17 +423,29 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
           new_tokens: int = typer.Option(64, "--new-tokens"),
           out_dir: str = typer.Option("benchmarks/results", "--out"),
           hardware: Optional[str] = typer.Option(None, help="tee suite: hardware profile (JSON) "
-                                                 "to project onto")) -> None:
-    """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused, kv-inversion, stealing); write JSON, a
+                                                 "to project onto"),
+          lengths: Optional[str] = typer.Option(None, help="he-softmax: row lengths L, e.g. "
+                                                "128,256,512,1024")) -> None:
+    """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused, kv-inversion, stealing,
+    he-softmax); write JSON, a
     markdown table (and a plot). kv-inversion: every KV-cache attack against every scheme with a
     device cache, 50 held-out windows (about an hour on the default model). stealing: MSP and
     the peel against every TEE scheme protecting a fine-tune of the default model, 3 seeds (about
     an hour and a half; resumable). mpc: MERGE's Table 1 on GPT-2-base shapes, costs by category — long (over an hour
     here); mpc-fused: the same contenders timed as generation runs them, plus vanilla and MERGE
     with the logits revealed to the client (about an hour); a subset with
-    `python -m veil.bench.mpc 64,128 vanilla,merge+logits --fused [--update]`."""
+    `python -m veil.bench.mpc 64,128 vanilla,merge+logits --fused [--update]`. he-softmax: the
+    Power-Softmax paper's softmax-only comparison under CKKS (power vs Taylor-exp vs squaring,
+    Pythia-70M and Llama-7B shapes; about 10 minutes)."""
     from veil.bench.harness import run_suite
 
+    if suite == "he-softmax":
+        from veil.bench import he_softmax
+
+        for p in he_softmax.write(he_softmax.run(he_softmax.parse_lengths(lengths), repeats),
+                                  out_dir):
+            out.print(f"wrote {p}", highlight=False)
+        return
     paths = run_suite(suite, model=model, repeats=repeats, new_tokens=new_tokens, out_dir=out_dir,
                       hardware=hardware)
     for p in paths:
