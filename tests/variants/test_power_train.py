@@ -70,3 +70,24 @@ def test_recipe_checks_its_settings():
         PowerRecipe(norm="layer")
     with pytest.raises(ConfigError, match="context"):
         PowerRecipe(target="small", context=32)
+
+
+def test_quality_rows_compare_against_the_reference(tmp_path):
+    from veil.model import zoo
+    from veil.train.power_recipe import Row, markdown, quality_rows
+
+    base = zoo.preset("tiny-llama").with_(max_seq_len=32)
+    folders = {"base": native.save_native(tmp_path / "b", base, zoo.random_weights(base))}
+    r = PowerRecipe(target="default", model="tiny-llama", settings=TINY, context=32)
+    folders["power"] = run_recipe(r, tmp_path / "p", progress=False, tokens=TOKENS)
+    rows = [Row("base", str(folders["base"]), "base"),
+            Row("power", str(folders["power"]), "base")]
+    table = quality_rows(rows, TOKENS["heldout"], window=15, windows=4)
+    base_row, power_row = table["rows"]
+    assert base_row["greedy_agreement"] == 1.0 and base_row["outside"] == {}
+    assert 0 <= power_row["greedy_agreement"] <= 1 and np.isfinite(power_row["perplexity"])
+    assert set(power_row["outside"]) == {"scores", "act"}
+    text = markdown(table, {"power": {"steps": 4}})
+    assert "| power |" in text and "—" in text
+    with pytest.raises(ConfigError, match="reference"):
+        quality_rows([Row("power", str(folders["power"]), "base")], TOKENS["heldout"], 15, 4)
