@@ -38,7 +38,7 @@ from veil.backends.plain import rope_tables
 from veil.csprng import SecretRng
 from veil.errors import ConfigError, UnsupportedError
 from veil.he.ckks import Ct, Engine
-from veil.he.layout import Enc, Layout, diagonals, pow2_at_least, rot
+from veil.he.layout import Enc, Layout, diagonals, pow2_at_least, rot, spread
 from veil.he.support import SUPPORT
 from veil.he.poly import eval_poly, goldschmidt, goldschmidt_iterations, poly_depth, power, \
     power_depth
@@ -232,28 +232,44 @@ class HeOps:
         if level < 1:
             raise ConfigError(f"he: {name}: no level left (the depth plan is wrong)")
         baby = [[eng.rotate(c, b * T) if b else c for b in range(g)] for c in x.cts]
-        one = np.ones(lay.slots)
-        pre = x.scale or [one] * n_in
+        pre = x.scale
         RW = self._rotate_half(W) if rope else None
         cos, sin = self._rope_tables(out_w) if rope else (None, None)
+        symbolic = getattr(eng, "symbolic", False)     # a depth plan: counts, no slot vectors
+        ks = np.arange(C)
+        roll_k = (np.arange(lay.slots)[None, :] + ks[:, None] * T) % lay.slots   # rot(·, k·T)
         out = []
         for o in range(n_out):
+            rows: list[np.ndarray | None] = []
+            for i in range(n_in):
+                D = self._diag(name, W, o, i)
+                DR = self._diag(name + "#R", RW, o, i) if rope else None
+                if symbolic:
+                    nz = D.any(axis=1) | (DR.any(axis=1) if rope else False)
+                    rows.append(nz)
+                    continue
+                full = spread(D, lay)
+                if rope:
+                    full = cos[o] * full + sin[o] * spread(DR, lay)
+                if pre is not None:
+                    full = full * pre[i][roll_k]
+                rows.append(full)
             acc = None
             for a in range(giant):
                 terms = []
+                back = (np.arange(lay.slots) - a * g * T) % lay.slots      # rot(·, −a·g·T)
                 for i in range(n_in):
-                    D = self._diag(name, W, o, i)
-                    DR = self._diag(name + "#R", RW, o, i) if rope else None
                     for b in range(g):
                         k = a * g + b
-                        d = np.tile(D[k], lay.reps)
-                        if rope:
-                            d = cos[o] * d + sin[o] * np.tile(DR[k], lay.reps)
-                        d = d * rot(pre[i], k * T)
+                        if symbolic:
+                            if rows[i][k]:
+                                terms.append(eng.mul_plain_raw(baby[i][b], eng.multiplier(None, level)))
+                            continue
+                        d = rows[i][k]
                         if not d.any():
                             continue
-                        d = rot(d, -a * g * T)                 # undone by the giant rotation
-                        terms.append(eng.mul_plain_raw(baby[i][b], eng.multiplier(d, level)))
+                        # undone by the giant rotation
+                        terms.append(eng.mul_plain_raw(baby[i][b], eng.multiplier(d[back], level)))
                 if not terms:
                     continue
                 part = eng.rescale(eng.add_many(terms) if len(terms) > 1 else terms[0])

@@ -107,12 +107,18 @@ class Enc:
 
 
 def diagonals(W: np.ndarray, lay: Layout, o: int, i: int) -> np.ndarray:
-    """(C, C·T) the generalised diagonals of block (o, i) of W (out, in): row k holds, at slot
-    j·T + t, W[o·C + j, i·C + (j + k) mod C] — what multiplies rot(x_i, k·T) in output chunk o."""
+    """(C, C) the generalised diagonals of block (o, i) of W (out, in): D[k, j] =
+    W[o·C + j, i·C + (j + k) mod C] — what multiplies feature j of rot(x_i, k·T) in output chunk o
+    (`spread` lays a row out over the slots)."""
     C = lay.C
     block = np.zeros((C, C))
     part = W[o * C:(o + 1) * C, i * C:(i + 1) * C]
     block[:part.shape[0], :part.shape[1]] = part
     j = np.arange(C)
-    diag = np.stack([block[j, (j + k) % C] for k in range(C)])          # (k, j)
-    return np.repeat(diag, lay.T, axis=1)                               # (k, j·T + t)
+    return block[j[None, :], (j[None, :] + j[:, None]) % C]             # (k, j)
+
+
+def spread(D: np.ndarray, lay: Layout) -> np.ndarray:
+    """(..., C) per-feature rows → (..., slots): feature j at every slot j·T + t of every tile."""
+    lead = D.shape[:-1]
+    return np.tile(np.repeat(D, lay.T, axis=-1), (1,) * len(lead) + (lay.reps,))
