@@ -47,6 +47,19 @@ def test_explain_lists_placement_and_flags_leaks():
     assert res.exit_code == 2 and "unknown scheme 'nope'" in res.output
 
 
+def test_explain_with_a_model_prints_the_he_depth_plan():
+    res = runner.invoke(app, ["explain", "--scheme", "he", "--model", "tiny-power"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "Goldschmidt" in out and "refresh before layer 0 Power-Softmax denominator" in out
+    assert "x + R, R uniform in ±64" in out
+    res = runner.invoke(app, ["explain", "--scheme", "he", "--model", "tiny-power",
+                              "--set", "mask=false"])
+    assert "the activation itself (mask=false)" in " ".join(res.output.split())
+    res = runner.invoke(app, ["explain", "--scheme", "he", "--model", "tiny-llama"])
+    assert res.exit_code == 2 and "cannot run activation='silu'" in res.output
+
+
 def test_set_with_a_wrong_type_names_the_option():
     """`--set rank=abc` used to print "'<' not supported between instances of 'str' and 'int'"."""
     res = runner.invoke(app, ["generate", "1 2 3", "--model", "tiny-llama", "--scheme", "loro",

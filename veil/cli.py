@@ -279,11 +279,26 @@ def protect(model: str = typer.Argument("default"),
 
 @app.command()
 @_clean_errors
-def explain(scheme: str = typer.Option("plain", "--scheme", "-s")) -> None:
+def explain(scheme: str = typer.Option("plain", "--scheme", "-s"),
+            model: Optional[str] = typer.Option(None, help="also what the scheme does with this "
+                                                "model (he: its depth plan and refreshes)"),
+            set_: list[str] = typer.Option([], "--set", help=_SET_HELP)) -> None:
     """Where each op of the forward runs under a scheme, and what the untrusted side sees."""
     from veil.schemes import get
 
     s = get(scheme)
+    lines: list[str] = []
+    if model is not None:          # checked before anything is printed
+        from veil.model.opening import open_public
+        from veil.model.ops import check_support
+
+        cfg, _ = open_public(model)
+        opts = s.options.parse(scheme, _scheme_options(set_))
+        check_support(s.support, cfg, f"scheme {scheme!r}")
+        if s.check_model is not None:
+            s.check_model(cfg)
+        lines = (s.describe(cfg, opts) if s.describe is not None
+                 else [f"scheme {scheme} runs every model the same way (see the table)"])
     t = Table("op", "runs on", "untrusted side receives", "untrusted side holds", "leaks",
               title=f"scheme {scheme}: {s.system} (untrusted side: the device, or for mpc "
                     "each peer)")
@@ -291,6 +306,8 @@ def explain(scheme: str = typer.Option("plain", "--scheme", "-s")) -> None:
         t.add_row(p.op, p.runs_on, p.device_receives, p.device_holds,
                   f"[bold red]{p.leaks}[/]" if p.leaks else "")
     out.print(t)
+    for line in lines:
+        out.print(line, highlight=False)
 
 
 @attack_app.command("kv-inversion")

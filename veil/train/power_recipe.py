@@ -76,6 +76,7 @@ class PowerRecipe:
     kd: float = -1.0                    # weight of KL(teacher ‖ student); < 0 → 1 (default), 0 (small)
     ce: float = -1.0                    # weight of the next-token CE; < 0 → 0.25 (default), 1 (small)
     range_weight: float = 1.0           # λ of the range loss
+    range_rows: float = 1.0             # weight of its per-row denominator term (HE's 1/z range)
     softmax: bool = False               # target small: the softmax/SiLU/RMS baseline instead
     d_model: int = 128
     n_layers: int = 2
@@ -96,8 +97,9 @@ class PowerRecipe:
             raise ConfigError(f"embed_init must be 'project' or 'random', got {self.embed_init!r}")
         if self.softmax and self.target != "small":
             raise ConfigError("softmax=True is the small target's baseline")
-        if self.range_weight < 0:
-            raise ConfigError(f"range_weight must be ≥ 0, got {self.range_weight}")
+        if self.range_weight < 0 or self.range_rows < 0:
+            raise ConfigError(f"range_weight and range_rows must be ≥ 0, got {self.range_weight}, "
+                              f"{self.range_rows}")
         s = self.train_settings
         if s.seq > self.context:
             raise ConfigError(f"training windows of {s.seq} tokens exceed the context {self.context}")
@@ -140,7 +142,7 @@ def power_loss(cfg: ModelConfig, r: PowerRecipe, teacher: tuple[ModelConfig, Wei
 
     def loss(params: Weights, ids: torch.Tensor, gen: torch.Generator):
         B, T = ids.shape
-        ops = RangeOps(cfg, params)
+        ops = RangeOps(cfg, params, r.range_rows)
         logits = ops.lm_head(hidden_states(cfg, ops, ids, _full(T, B), TrainCache(cfg, B, T)))
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         rng = ops.stats.loss()
@@ -279,7 +281,8 @@ def quality_rows(rows: list[Row], heldout: np.ndarray, window: int = 63, windows
             "attention": cfg.attention, "activation": cfg.activation, "norm": cfg.norm,
             "layers": cfg.n_layers, "d_model": cfg.d_model,
             "outside": stats.fractions(),
-            "score_peak": max(stats.score_peak.values()) if stats.score_peak else None}
+            "score_peak": max(stats.score_peak.values()) if stats.score_peak else None,
+            "z_peak": max(stats.z_peak.values()) if stats.z_peak else None}
         out.append({"model": row.model, "reference": row.reference, "folder": row.folder,
                     **row.metrics})
     return {"window": window, "windows": windows, "rows": out}
@@ -289,20 +292,28 @@ def markdown(table: dict, recipes: dict[str, dict]) -> str:
     def pct(v):
         return "—" if v is None else f"{100 * v:.2f}%"
 
+    def zp(v):
+        return "—" if v is None else f"{v:.2f}"
+
     lines = ["| model | attention / act. / norm | layers × d | perplexity | top-1 | "
-             "greedy = reference | reference | scores > B | act. inputs > R | norm u ∉ range |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "greedy = reference | reference | scores > B | rows u > B^p | peak z | act. inputs > R | "
+             "norm u ∉ range |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         o = r["outside"]
         lines.append(f"| {r['model']} | {r['attention']} / {r['activation']} / {r['norm']} | "
                      f"{r['layers']} × {r['d_model']} | {r['perplexity']:.1f} | "
                      f"{r['top1_accuracy']:.3f} | {r['greedy_agreement']:.3f} | {r['reference']} "
-                     f"| {pct(o.get('scores'))} | {pct(o.get('act'))} | {pct(o.get('norm'))} |")
+                     f"| {pct(o.get('scores'))} | {pct(o.get('rows'))} | {zp(r.get('z_peak'))} "
+                     f"| {pct(o.get('act'))} | {pct(o.get('norm'))} |")
     head = [f"Held-out Shakespeare (the train/held-out split of veil/data.py), the same "
             f"{table['windows']} windows of {table['window']} tokens for every model; greedy = "
             "reference: the share of positions whose argmax next token equals the reference "
-            "model's. Bounds: B on |s|, R on activation inputs, [norm_lo, norm_hi] on the poly "
-            "norm's mean square (— : no such bound in that model).", ""]
+            "model's. Bounds: B on |s|, B^p on each query row's mean |s|^p (u, the length-agnostic "
+            "denominator), R on activation inputs, [norm_lo, norm_hi] on the poly norm's mean "
+            "square (— : no such bound in that model). Peak z: the largest (u + ε)/(ε + B^p) seen, "
+            "the input of HE's Goldschmidt reciprocal (accurate to its tolerance up to 1, "
+            "divergent from 2).", ""]
     tail = ["", "Recipes (`veil train power`; table: `python -m veil.train.power_recipe`):", ""]
     for name, rec in recipes.items():
         tail.append(f"- **{name}**: {json.dumps(rec)}")

@@ -151,6 +151,7 @@ class RangeStats:
     outside: dict[str, int] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
     score_peak: dict[int, float] = field(default_factory=dict)
+    z_peak: dict[int, float] = field(default_factory=dict)
 
     def loss(self) -> torch.Tensor:
         """The range loss: per kind, the mean of its calls' penalties; summed over kinds."""
@@ -176,9 +177,10 @@ class RangeOps(TorchOps):
     [norm_lo, norm_hi]. A bound of 0 is not checked. The penalties keep the autograd graph, so
     `stats.loss()` is the differentiable range loss of the forward just run."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights) -> None:
+    def __init__(self, cfg: ModelConfig, weights: Weights, row_weight: float = 1.0) -> None:
         super().__init__(cfg, weights)
         self.stats = RangeStats()
+        self.row_weight = row_weight
 
     def _note(self, kind: str, penalty: torch.Tensor, outside: torch.Tensor, seen: int) -> None:
         self.stats.penalty.setdefault(kind, []).append(penalty)
@@ -195,6 +197,24 @@ class RangeOps(TorchOps):
         if B > 0:
             seen = int(allowed.expand_as(s).sum())
             self._note("scores", _hinge(mag - B, B, allowed), (mag.detach() > B).sum(), seen)
+            # the row's length-agnostic denominator u = mean_j |s_j|^p against B^p: what HE's
+            # Goldschmidt reciprocal reads as z = (u + ε)/(ε + B^p) — accurate for z ≤ 1, divergent
+            # from z ≥ 2. A few large scores (at early positions, where a row has one or two keys)
+            # barely move the score term's mean but decide z, hence a term per row.
+            # Penalised as the row's power mean u^(1/p) against B (the score term's scale): u
+            # itself reaches 10⁴·B^p on an untrained row, and its square hinge diverges.
+            p = self.cfg.power_p
+            bp = B ** p
+            mask = allowed.expand_as(s)
+            rows = mask.any(-1)
+            u = mag.masked_fill(~mask, 0.0).pow(p).sum(-1) / mask.sum(-1).clamp(min=1)
+            ud = u.detach()
+            if self.row_weight > 0:
+                root = (u + 1e-12).pow(1.0 / p)
+                self._note("rows", self.row_weight * _hinge(root - B, B, rows),
+                           ((ud > bp) & rows).sum(), int(rows.sum()))
+            z = (ud[rows].max() + self.cfg.power_eps) / (self.cfg.power_eps + bp)
+            self.stats.z_peak[layer] = max(self.stats.z_peak.get(layer, 0.0), float(z))
         return s, allowed
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
