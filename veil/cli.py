@@ -442,9 +442,12 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
           hardware: Optional[str] = typer.Option(None, help="tee suite: hardware profile (JSON) "
                                                  "to project onto"),
           lengths: Optional[str] = typer.Option(None, help="he-softmax: row lengths L, e.g. "
-                                                "128,256,512,1024")) -> None:
+                                                "128,256,512,1024; he: prompt lengths, e.g. "
+                                                "8,16,32"),
+          prompts: int = typer.Option(100, help="he: held-out prompts for the next-token "
+                                      "agreement")) -> None:
     """Run a benchmark suite (plain-vs-hf, tee, mpc, mpc-fused, kv-inversion, stealing,
-    he-softmax); write JSON, a
+    he-softmax, he); write JSON, a
     markdown table (and a plot). kv-inversion: every KV-cache attack against every scheme with a
     device cache, 50 held-out windows (about an hour on the default model). stealing: MSP and
     the peel against every TEE scheme protecting a fine-tune of the default model, 3 seeds (about
@@ -453,8 +456,19 @@ def bench(suite: str = typer.Argument("plain-vs-hf"),
     with the logits revealed to the client (about an hour); a subset with
     `python -m veil.bench.mpc 64,128 vanilla,merge+logits --fused [--update]`. he-softmax: the
     Power-Softmax paper's softmax-only comparison under CKKS (power vs Taylor-exp vs squaring,
-    Pythia-70M and Llama-7B shapes; about 10 minutes)."""
+    Pythia-70M and Llama-7B shapes; about 10 minutes). he: the small Power-Softmax model
+    encrypted end to end (latency by category, refreshes, bytes), next-token agreement over
+    --prompts held-out prompts (resumable; about 40 minutes for 100), one layer of the converted
+    default model, and the Pythia-70M projection (needs `veil train power` first)."""
     from veil.bench.harness import run_suite
+
+    if suite == "he":
+        from veil.bench import he
+
+        lens = tuple(int(x) for x in lengths.split(",")) if lengths else (8, 16, 32)
+        for p in he.write(he.run(lens, repeats, prompts), out_dir):
+            out.print(f"wrote {p}", highlight=False)
+        return
 
     if suite == "he-softmax":
         from veil.bench import he_softmax

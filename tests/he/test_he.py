@@ -296,6 +296,26 @@ def test_a_client_silent_during_a_refresh_aborts_the_server(insecure):
     client.eng.close()
 
 
+def test_non_interactive_refuses_deep_models_and_refresh_requests(tmp_path, insecure,
+                                                                   monkeypatch):
+    folder = _power_model(tmp_path)
+    with pytest.raises(ConfigError, match=r"refresh='none' \(non-interactive\).*needs \d+ "
+                                          "refreshes, the first before"):
+        veil.load(folder, scheme="he", params=TEST_SET, server="thread", refresh="none")
+    # a server that asks anyway (here: one ignoring the client's setting) is refused by the client,
+    # which decrypts nothing but its result
+    monkeypatch.setattr(HeServer, "_no_refresh", HeServer._refresh)
+    cfg = zoo.preset("tiny-power")
+    w = zoo.random_weights(cfg)
+    ch, th, errors = _server(cfg, w, timeout_s=5.0)
+    client = HeClient(cfg, w, ch, TEST_SET, max_tokens=16, refresh=False)
+    with pytest.raises(ProtocolAbort, match="non-interactive session.*refused"):
+        client.logits(IDS[:5])
+    client.close()
+    th.join(30)
+    assert not th.is_alive()
+
+
 @pytest.mark.slow
 def test_server_process_end_to_end(tmp_path, insecure):
     folder = _power_model(tmp_path)

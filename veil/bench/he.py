@@ -93,9 +93,9 @@ def _stats(xs: list[float]) -> dict[str, float]:
 # ---- forward and generation ----------------------------------------------------------------
 
 def bench_forward(folder: Path, lengths: tuple[int, ...], repeats: int, mask: bool,
-                  plain: veil.Model, ids: list[int]) -> dict[str, Any]:
+                  plain: veil.Model, ids: list[int], params: str = PARAMS) -> dict[str, Any]:
     t0 = time.perf_counter()
-    m = veil.load(str(folder), scheme="he", mask=mask)
+    m = veil.load(str(folder), scheme="he", mask=mask, params=params)
     open_s = time.perf_counter() - t0
     rows = []
     try:
@@ -136,8 +136,9 @@ def bench_forward(folder: Path, lengths: tuple[int, ...], repeats: int, mask: bo
     return {"setup": setup, "rows": rows}
 
 
-def bench_generation(folder: Path, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-    with veil.load(str(folder), scheme="he") as m:
+def bench_generation(folder: Path, prompt: list[int], new_tokens: int, params: str = PARAMS
+                     ) -> dict[str, Any]:
+    with veil.load(str(folder), scheme="he", params=params) as m:
         t0 = time.perf_counter()
         out = m.generate(prompt, max_new_tokens=new_tokens)
         total = time.perf_counter() - t0
@@ -155,9 +156,10 @@ def _agreement_log(folder: Path, params: str, tokens: int) -> Path:
 
 
 def bench_agreement(folder: Path, prompts: int, tokens: int, ids: list[int],
-                    plain: veil.Model, progress: bool = True) -> dict[str, Any]:
+                    plain: veil.Model, progress: bool = True, params: str = PARAMS
+                    ) -> dict[str, Any]:
     """Resumable: each prompt's outcome is appended to a JSONL in the cache."""
-    log = _agreement_log(folder, PARAMS, tokens)
+    log = _agreement_log(folder, params, tokens)
     log.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     windows = [ids[i * tokens:(i + 1) * tokens] for i in range(prompts)]
@@ -166,9 +168,9 @@ def bench_agreement(folder: Path, prompts: int, tokens: int, ids: list[int],
     opened = open_model(str(folder))
     cfg = opened.cfg
     layer_w = {k: v for k, v in opened.weights.items() if k.startswith("layers.")}
-    p = he_params.get(PARAMS)
+    p = he_params.get(params)
     if len(done) < prompts:
-        with veil.load(str(folder), scheme="he") as m, log.open("a") as f:
+        with veil.load(str(folder), scheme="he", params=params) as m, log.open("a") as f:
             for i in range(len(done), prompts):
                 w = windows[i]
                 ref = plain.logits([w])[0, -1]
@@ -190,7 +192,7 @@ def bench_agreement(folder: Path, prompts: int, tokens: int, ids: list[int],
                 if progress:
                     print(f"he agreement {i + 1}/{prompts}: {rec}", flush=True)
     done = done[:prompts]
-    return {"prompts": len(done), "tokens": tokens, "params": PARAMS,
+    return {"prompts": len(done), "tokens": tokens, "params": params,
             "encrypted_vs_plain": sum(r["enc"] == r["plain"] for r in done) / len(done),
             "clear_vs_plain": sum(r["clear"] == r["plain"] for r in done) / len(done),
             "encrypted_vs_clear": sum(r["enc"] == r["clear"] for r in done) / len(done),
@@ -251,9 +253,11 @@ def pythia_config(small: ModelConfig) -> ModelConfig:
 
 
 def bench_projection(small_cfg: ModelConfig, small_weights: dict, measured: dict,
-                     tokens: int) -> dict[str, Any]:
-    p = he_params.get(PARAMS)
+                     tokens: int, params: str = PARAMS) -> dict[str, Any]:
+    p = he_params.get(params)
     costs = primitive_costs(p)
+    big = he_params.get(PARAMS)                    # Pythia's shapes need the real set's slots
+    big_costs = costs if big.name == p.name else primitive_costs(big)
     row = next(r for r in measured["rows"] if r["tokens"] == tokens and r["mask"])
     refresh_per_ct = row["categories"]["refresh"] / max(1, row["refresh_ciphertexts"])
     layer_w = {k: v for k, v in small_weights.items() if k.startswith("layers.")}
@@ -263,16 +267,16 @@ def bench_projection(small_cfg: ModelConfig, small_weights: dict, measured: dict
     counts_match = {k: (check.tally.by_kind().get(k, 0), row["primitives"].get(k, {}).get("count"))
                     for k in ("rotate", "pt_mul", "rescale")}
     py = pythia_config(small_cfg)
-    pplan = plan(py, p, 128)
-    pprim = project(pplan.tally, costs)
+    pplan = plan(py, big, 128)
+    pprim = project(pplan.tally, big_costs)
     prefresh = refresh_per_ct * pplan.summary()["refresh_ciphertexts"]
-    return {"params": PARAMS, "primitive_costs": {f"{k}@{lv}": v for (k, lv), v in costs.items()},
+    return {"params": params, "primitive_costs": {f"{k}@{lv}": v for (k, lv), v in costs.items()},
             "refresh_s_per_ciphertext": refresh_per_ct,
             "check": {"model": small_cfg.name, "tokens": tokens,
                       "measured_server_s": row["server_s"]["median"],
                       "projected_s": projected, "counts (plan, measured)": counts_match,
                       "plan": check.summary()},
-            "pythia": {"config": {k: v for k, v in PYTHIA.items()}, "tokens": 128,
+            "pythia": {"config": dict(PYTHIA), "tokens": 128, "params": big.name,
                        "plan": pplan.summary(), "seconds_by_primitive": pprim,
                        "refresh_s": prefresh, "total_s": sum(pprim.values()) + prefresh}}
 
@@ -282,35 +286,44 @@ def bench_projection(small_cfg: ModelConfig, small_weights: dict, measured: dict
 def run(lengths: tuple[int, ...] = (8, 16, 32), repeats: int = 3, prompts: int = 100,
         agree_tokens: int = 16, new_tokens: int = 4, layer_tokens: int = 16,
         parts: tuple[str, ...] = ("forward", "generation", "agreement", "layer", "projection"),
-        progress: bool = True) -> dict[str, Any]:
-    folder = _need(small_folder(), "small")
+        progress: bool = True, folder: Path | None = None, params: str = PARAMS,
+        ids: list[int] | None = None) -> dict[str, Any]:
+    """Every part (see the module docstring). `folder`, `params` and `ids` default to the small
+    model, n16384 and held-out Shakespeare (tests pass a tiny model, an insecure set and ids)."""
+    folder = _need(Path(folder) if folder else small_folder(), "small")
     plain = veil.load(str(folder))
-    ids = heldout_ids(plain, max(prompts * agree_tokens, max(lengths), layer_tokens))
+    need = max(prompts * agree_tokens, max(lengths), layer_tokens)
+    ids = list(ids) if ids is not None else heldout_ids(plain, need)
+    if len(ids) < need:
+        raise ConfigError(f"he bench: {len(ids)} prompt tokens, {need} needed")
     opened = open_model(str(folder))
     res: dict[str, Any] = {
         "meta": {"when": time.strftime("%Y-%m-%d"), "machine": platform.machine() + " CPU",
-                 "python": platform.python_version(), "params": PARAMS,
+                 "python": platform.python_version(), "params": params,
+                 "secure": he_params.get(params).secure,
                  "model": opened.cfg.name, "paper": PAPER},
         "model": {k: getattr(opened.cfg, k) for k in ("d_model", "n_layers", "n_heads", "d_ff",
                                                       "norm", "activation", "attention",
                                                       "power_p", "power_eps", "score_bound")}}
     try:
         if "forward" in parts:
-            fw = bench_forward(folder, lengths, repeats, True, plain, ids)
-            fw["rows"] += bench_forward(folder, lengths[-1:], repeats, False, plain, ids)["rows"]
+            fw = bench_forward(folder, lengths, repeats, True, plain, ids, params)
+            fw["rows"] += bench_forward(folder, lengths[-1:], repeats, False, plain, ids,
+                                        params)["rows"]
             res["forward"] = fw
             if progress:
                 print("he forward done", flush=True)
         if "generation" in parts:
-            res["generation"] = bench_generation(folder, ids[:lengths[0]], new_tokens)
+            res["generation"] = bench_generation(folder, ids[:lengths[0]], new_tokens, params)
         if "agreement" in parts:
             res["agreement"] = bench_agreement(folder, prompts, agree_tokens, ids, plain,
-                                               progress)
+                                               progress, params)
         if "layer" in parts:
             res["layer"] = bench_layer(layer_tokens, ids)
         if "projection" in parts and "forward" in res:
             res["projection"] = bench_projection(opened.cfg, opened.weights, res["forward"],
-                                                 lengths[1] if len(lengths) > 1 else lengths[0])
+                                                 lengths[1] if len(lengths) > 1 else lengths[0],
+                                                 params)
     finally:
         plain.close()
     return res
@@ -323,7 +336,8 @@ def _pct(part: float, total: float) -> str:
 def markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     L = [f"# `he`: encrypted inference of a Power-Softmax model (CKKS)", "",
-         f"{m['when']} · {m['machine']} · SEAL via TenSEAL · `{m['params']}` (128-bit) · model "
+         f"{m['when']} · {m['machine']} · SEAL via TenSEAL · `{m['params']}` "
+         f"({'128-bit' if m.get('secure', True) else 'INSECURE test set'}) · model "
          f"`{m['model']}` ({res['model']['n_layers']} layers, d={res['model']['d_model']}, "
          f"{res['model']['attention']} p={res['model']['power_p']}, "
          f"{res['model']['activation']} activation, {res['model']['norm']} norm). "
@@ -409,7 +423,7 @@ def markdown(res: dict[str, Any]) -> str:
               + ", ".join(f"{k} {a}/{b}" for k, (a, b) in c["counts (plan, measured)"].items())
               + ").", "",
               f"Pythia-70M shapes (d 512, 6 layers, 8 heads, d_ff 2048; poly norm and "
-              f"activation), 128 tokens, `{pj['params']}`: **{py['total_s'] / 60:.0f} min** on "
+              f"activation), 128 tokens, `{py['params']}`: **{py['total_s'] / 60:.0f} min** on "
               f"one core here ({ps['refreshes']} refreshes of {ps['refresh_ciphertexts']} "
               f"ciphertexts: {py['refresh_s']:.0f} s; {ps['primitives'].get('rotate', 0)} "
               f"rotations, {ps['primitives'].get('pt_mul', 0)} plaintext products, "

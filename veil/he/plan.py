@@ -201,10 +201,11 @@ def primitive_costs(params: CkksParams, repeats: int = 5) -> dict[tuple[str, int
                                                           "relin")}
         for _ in range(repeats):
             t0 = time.perf_counter(); eng.rotate(c, 1); samples["rotate"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); pt = eng.encode(vec, level, eng.scale); samples["encode"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); p = eng.mul_plain_raw(c, pt); samples["pt_mul"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); eng.encode(vec, level, eng.scale); samples["encode"].append(time.perf_counter() - t0)
             t0 = time.perf_counter(); eng.add(c, c); samples["add"].append(time.perf_counter() - t0)
-            if level >= 1:
+            if level >= 1:        # a product at level 0 has no prime left to rescale by
+                pt = eng.multiplier(vec, level)
+                t0 = time.perf_counter(); p = eng.mul_plain_raw(c, pt); samples["pt_mul"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter(); eng.rescale(p); samples["rescale"].append(time.perf_counter() - t0)
                 from tenseal import sealapi as seal
                 t0 = time.perf_counter()

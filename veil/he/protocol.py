@@ -122,9 +122,14 @@ class HeServer:
         blobs = dict(zip(("public", "relin", "galois"),
                          (t.numpy().tobytes() for t in msg.tensors)))
         self.eng = Engine.server(p, blobs, rotation_steps(self.cfg, lay))
-        self.ops = HeOps(self.cfg, self.weights, self.eng, lay, self._refresh,
+        refresh = self._refresh if a.get("refresh", True) is not False else self._no_refresh
+        self.ops = HeOps(self.cfg, self.weights, self.eng, lay, refresh,
                          gs_tol=self.gs_tol, mask=self.mask, mask_bound=self.mask_bound)
         self.ch.send(Message("ready", {"steps": len(self.eng.steps)}))
+
+    def _no_refresh(self, cts: list[Ct], kind: str, n: int, width: int) -> list[Ct]:
+        raise ConfigError(f"this forward needs a refresh ({kind}) but the client runs "
+                          "non-interactive (refresh='none')")
 
     def _refresh(self, cts: list[Ct], kind: str, n: int, width: int) -> list[Ct]:
         self.ch.send(Message("refresh", {"kind": kind, "n": n, "width": width},
@@ -199,8 +204,9 @@ class HeClient:
     applies the final norm and the LM head."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], channel: Channel,
-                 params: str, max_tokens: int | None = None, record: bool = False) -> None:
-        self.cfg, self.ch = cfg, channel
+                 params: str, max_tokens: int | None = None, record: bool = False,
+                 refresh: bool = True) -> None:
+        self.cfg, self.ch, self.refresh = cfg, channel, refresh
         self.params = he_params.get(params)
         self.lay = choose_layout(cfg, self.params.slots, max_tokens)
         self.eng = Engine.client(self.params, rotation_steps(cfg, self.lay))
@@ -212,9 +218,13 @@ class HeClient:
         tensors = [torch.frombuffer(bytearray(keys[k]) or bytearray(1), dtype=torch.uint8)
                    for k in ("public", "relin", "galois")]
         _expect(self.ch.call("setup", tensors, params=self.params.name, T=self.lay.T,
-                             C=self.lay.C), "ready")
+                             C=self.lay.C, refresh=refresh), "ready")
 
     def _answer(self, msg: Message) -> None:
+        if not self.refresh:
+            # non-interactive: the client decrypts nothing but its result, whoever asks
+            raise ProtocolAbort("the server asked for a refresh in a non-interactive session "
+                                "(refresh='none'): refused")
         kind, n, width = msg.args.get("kind"), msg.args.get("n"), msg.args.get("width")
         cts = _cts(self.eng, msg, "ciphertext to refresh")
         vals = [self.eng.decrypt(c) for c in cts]

@@ -37,6 +37,9 @@ from veil.schemes.base import FixedLengthSession, Placement, Scheme, SchemeOptio
 class HeOptions(SchemeOptions):
     params: str = "n16384"        # a 128-bit CKKS set (veil/he/params.py); test-* sets are refused
     server: Literal["process", "thread"] = "process"
+    refresh: Literal["client", "none"] = "client"   # none: non-interactive (refused unless the
+                                  # whole forward fits the set's levels; the client then decrypts
+                                  # only the result)
     mask: bool = True             # mask refreshed values (x + R) before the client sees them
     mask_bound: float = 64.0      # R uniform in ±mask_bound (CKKS headroom limits it)
     gs_tol: float = 1e-3          # Goldschmidt's relative error bound (sets its iterations)
@@ -52,6 +55,21 @@ class HeOptions(SchemeOptions):
             raise ConfigError("he: mask_bound and timeout_s must be positive, gs_tol in (0, 1)")
         if self.max_tokens < 0:
             raise ConfigError(f"he: option 'max_tokens' must be ≥ 0, got {self.max_tokens}")
+
+
+def _check_non_interactive(cfg: ModelConfig, options: HeOptions, max_tokens: int) -> None:
+    """Refuse refresh='none' for a model whose forward needs a refresh at this set (the depth
+    plan of the longest forward: refresh points do not depend on the length)."""
+    from veil.he import params as he_params
+    from veil.he.plan import plan
+
+    pl = plan(cfg, he_params.get(options.params), max_tokens, max_tokens)
+    if pl.refreshes:
+        first = pl.refreshes[0]["why"]
+        raise ConfigError(f"he: refresh='none' (non-interactive) needs the whole forward within "
+                          f"{options.params}'s {pl.levels} levels; this model needs "
+                          f"{len(pl.refreshes)} refreshes, the first before {first} (a larger "
+                          "set, fewer layers, or an affine norm)")
 
 
 def _check_model(cfg: ModelConfig) -> None:
@@ -74,6 +92,8 @@ class HeSession(FixedLengthSession):
         self.proc: subprocess.Popen | None = None
         self.thread = None
         max_tokens = options.max_tokens or protocol.max_tokens_for(cfg, options.params)
+        if options.refresh == "none":
+            _check_non_interactive(cfg, options, max_tokens)
         if options.server == "thread":
             channel, self.thread, self.server_errors = protocol.serve_in_thread(
                 cfg, opened.weights, options.timeout_s, mask=options.mask,
@@ -82,7 +102,8 @@ class HeSession(FixedLengthSession):
             channel = self._spawn(opened.source, options)
         try:
             self.client = protocol.HeClient(cfg, opened.weights, channel, options.params,
-                                            max_tokens, record=options.record_view)
+                                            max_tokens, record=options.record_view,
+                                            refresh=options.refresh == "client")
         except BaseException:
             channel.close()
             self._stop_server()
@@ -230,7 +251,9 @@ HE = Scheme(
                   "the re-encrypted values", "—",
                   "the client decrypts intermediate activations: masked x + R (R uniform in "
                   "±mask_bound; statistical, not cryptographic, hiding), or unmasked before an "
-                  "RMS norm — enough for layer-by-layer extraction of the model when unmasked"),
+                  "RMS norm — enough for layer-by-layer extraction of the model when unmasked; "
+                  "none with refresh='none' (non-interactive, for models whose forward fits the "
+                  "set's levels)"),
         Placement("shape of the run", "public", "prompt length, one forward per new token", "—",
                   "the sequence length and the number of tokens generated"),
     ))
