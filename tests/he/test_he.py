@@ -1,7 +1,7 @@
 """The `he` scheme: CKKS primitives, the encrypted forward against plain, and the protocol's
 failure modes.
 
-Every encrypted test here runs on SMALL INSECURE parameters (`test-n4096`: N=4096 with 280 bits of
+Every encrypted test here runs on SMALL INSECURE parameters (`test-n4096`: N=4096 with 400 bits of
 coefficient modulus, far above the 109-bit bound for 128-bit security) so it takes seconds; they
 are allowed only through VEIL_HE_ALLOW_INSECURE=1, set per test. The secure sets are the same code
 with a larger ring (veil bench he measures them).

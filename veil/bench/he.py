@@ -399,7 +399,8 @@ def markdown(res: dict[str, Any]) -> str:
               f"| same algorithm on clear slots | {100 * a['clear_vs_plain']:.0f}% | "
               f"{a['clear_err_median']:.1e} | {a['clear_err_max']:.1e} |",
               "", f"Encrypted = clear in {100 * a['encrypted_vs_clear']:.0f}% of prompts; the "
-              f"paper: 99%. {a['seconds_median']:.1f} s per encrypted forward (median)."]
+              f"paper: 99%. {a['seconds_median']:.1f} s per encrypted forward (median; this "
+              "part may run beside other work — the timed figures are the table above)."]
     if "layer" in res:
         y = res["layer"]
         tot = y["seconds"]
@@ -479,9 +480,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="8,16,32")
     ap.add_argument("--parts", default="forward,generation,agreement,layer,projection")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--merge", default=None,
+                    help="an earlier he.json whose parts this run's parts are added to (run the "
+                         "timed parts on a quiet machine, the long agreement beside other work)")
     a = ap.parse_args(argv)
     lengths = tuple(int(x) for x in a.lengths.split(","))
     res = run(lengths, a.repeats, a.prompts, parts=tuple(a.parts.split(",")))
+    if a.merge:
+        earlier = json.loads(Path(a.merge).read_text())
+        res = {**earlier, **{k: v for k, v in res.items() if k not in ("meta", "model")}}
     for p in write(res, a.out):
         print(f"wrote {p}")
 

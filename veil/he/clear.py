@@ -17,7 +17,7 @@ import torch
 
 from veil.errors import ConfigError
 from veil.he.ckks import Counters
-from veil.he.executor import HeOps, choose_layout
+from veil.he.executor import Z_MAX, HeOps, choose_layout
 from veil.he.layout import Enc, Layout
 from veil.he.params import CkksParams
 from veil.model.config import ModelConfig
@@ -105,7 +105,8 @@ class ClearEngine:
 
 def local_forward(cfg: ModelConfig, weights: dict[str, Any], eng: Any, lay: Layout,
                   embeds: torch.Tensor, mask: bool = True, mask_bound: float = 64.0,
-                  gs_tol: float = 1e-3, trace: list | None = None) -> tuple[np.ndarray, HeOps]:
+                  gs_tol: float = 1e-3, trace: list | None = None, z_max: float = Z_MAX
+                  ) -> tuple[np.ndarray, HeOps]:
     """The executor's forward over `embeds` (n, d) in one process, on an engine that can also
     decrypt (`ClearEngine`, or a client `Engine` holding the secret key), the client's side of
     each refresh (an exact RMS norm when asked) done in place. Returns the hidden states (n, d)
@@ -123,7 +124,8 @@ def local_forward(cfg: ModelConfig, weights: dict[str, Any], eng: Any, lay: Layo
             trace.append((kind, float(max(np.abs(v).max() for v in vals))))
         return [eng.encrypt(v) for v in vals]
 
-    ops = HeOps(cfg, weights, eng, lay, refresh, gs_tol=gs_tol, mask=mask, mask_bound=mask_bound)
+    ops = HeOps(cfg, weights, eng, lay, refresh, gs_tol=gs_tol, mask=mask, mask_bound=mask_bound,
+                z_max=z_max)
     ops.begin(n)
     x = Enc([eng.encrypt(v) for v in lay.pack(embeds.double().numpy())], cfg.d_model)
     out = ops.last_position(hidden_states(cfg, ops, None, Step(torch.arange(n)[None], None, 0),

@@ -77,7 +77,7 @@ PARAM_SETS: dict[str, CkksParams] = {p.name: p for p in (
     _set("n16384", 16384, 9),      # 434 of 438
     _set("n32768", 32768, 21),     # 866 of 881
     # below 128 bits: tests only (small rings, seconds); results carry `secure: false`
-    _set("test-n4096", 4096, 8, scale=30, q0=40),
+    _set("test-n4096", 4096, 10, scale=30, q0=40),
     _set("test-n8192", 8192, 10, scale=33, q0=45),
 )}
 SECURE_SETS = tuple(p for p in PARAM_SETS.values() if p.secure)

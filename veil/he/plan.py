@@ -19,7 +19,7 @@ import torch
 
 from veil.errors import ConfigError
 from veil.he.ckks import Counters
-from veil.he.executor import HeOps, choose_layout
+from veil.he.executor import Z_MAX, HeOps, choose_layout
 from veil.he.layout import Enc, Layout
 from veil.he.params import CkksParams
 from veil.model.config import ModelConfig
@@ -154,7 +154,7 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, params: CkksParams, tokens: int, max_tokens: int | None = None,
-         weights: dict | None = None) -> Plan:
+         weights: dict | None = None, gs_tol: float = 1e-3, z_max: float = Z_MAX) -> Plan:
     """Replay the encrypted forward over `tokens` tokens on level-only ciphertexts."""
     lay = choose_layout(cfg, params.slots, max_tokens or tokens)
     eng = CountingEngine(params)
@@ -166,7 +166,7 @@ def plan(cfg: ModelConfig, params: CkksParams, tokens: int, max_tokens: int | No
     def refresh(cts, kind, n, width):
         return [eng.fresh() for _ in cts]
 
-    ops = HeOps(cfg, weights, eng, lay, refresh, mask=True)
+    ops = HeOps(cfg, weights, eng, lay, refresh, gs_tol=gs_tol, mask=True, z_max=z_max)
     ops.rng = _NoRng()
     ops.begin(tokens)
     step = Step(torch.arange(tokens)[None], None, 0)

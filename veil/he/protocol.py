@@ -33,7 +33,7 @@ from veil.backends.plain import TorchOps
 from veil.errors import ConfigError, ProtocolAbort
 from veil.he import params as he_params
 from veil.he.ckks import Ct, Engine
-from veil.he.executor import HeOps, choose_layout, rotation_steps
+from veil.he.executor import Z_MAX, HeOps, choose_layout, rotation_steps
 from veil.he.layout import Enc, Layout
 from veil.model.config import ModelConfig
 from veil.model.forward import hidden_states
@@ -80,9 +80,10 @@ class HeServer:
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], channel: Channel,
                  mask: bool = True, mask_bound: float = 64.0, gs_tol: float = 1e-3,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, z_max: float = Z_MAX) -> None:
         self.cfg, self.weights, self.ch = cfg, server_weights(weights), channel
         self.mask, self.mask_bound, self.gs_tol, self.timeout_s = mask, mask_bound, gs_tol, timeout_s
+        self.z_max = z_max
         self.eng: Engine | None = None
         self.ops: HeOps | None = None
 
@@ -124,7 +125,8 @@ class HeServer:
         self.eng = Engine.server(p, blobs, rotation_steps(self.cfg, lay))
         refresh = self._refresh if a.get("refresh", True) is not False else self._no_refresh
         self.ops = HeOps(self.cfg, self.weights, self.eng, lay, refresh,
-                         gs_tol=self.gs_tol, mask=self.mask, mask_bound=self.mask_bound)
+                         gs_tol=self.gs_tol, mask=self.mask, mask_bound=self.mask_bound,
+                         z_max=self.z_max)
         self.ch.send(Message("ready", {"steps": len(self.eng.steps)}))
 
     def _no_refresh(self, cts: list[Ct], kind: str, n: int, width: int) -> list[Ct]:

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from veil.errors import VeilError
+from veil.he.executor import Z_MAX
 from veil.he.protocol import HeServer
 from veil.model.opening import open_model
 from veil.tee.channel import Channel
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> int:
         opened = open_model(model)
         server = HeServer(opened.cfg, opened.weights, channel, mask=bool(spec.get("mask", True)),
                           mask_bound=float(spec.get("mask_bound", 64.0)),
-                          gs_tol=float(spec.get("gs_tol", 1e-3)), timeout_s=timeout_s)
+                          gs_tol=float(spec.get("gs_tol", 1e-3)), timeout_s=timeout_s,
+                          z_max=float(spec.get("z_max", Z_MAX)))
         server.serve()
     except VeilError as exc:
         print(f"veil he server: {exc}", file=sys.stderr)

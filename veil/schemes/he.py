@@ -43,6 +43,8 @@ class HeOptions(SchemeOptions):
     mask: bool = True             # mask refreshed values (x + R) before the client sees them
     mask_bound: float = 64.0      # R uniform in ±mask_bound (CKKS headroom limits it)
     gs_tol: float = 1e-3          # Goldschmidt's relative error bound (sets its iterations)
+    z_max: float = 2.0            # Goldschmidt reads z/z_max: convergent for z < 2·z_max (a model
+                                  # keeps z ≤ 1 on ~99.9% of rows only; peak z in power_quality.md)
     max_tokens: int = 0           # the layout's period (0: the model's context, as the set allows)
     timeout_s: float = 120.0      # a silent peer is gone after this long (ProtocolAbort)
     record_view: bool = False     # keep what the client decrypted at refreshes (client_view)
@@ -53,6 +55,8 @@ class HeOptions(SchemeOptions):
         he_params.get(self.params)                      # unknown or below 128 bits: refused
         if self.mask_bound <= 0 or not 0 < self.gs_tol < 1 or self.timeout_s <= 0:
             raise ConfigError("he: mask_bound and timeout_s must be positive, gs_tol in (0, 1)")
+        if not self.z_max >= 1:
+            raise ConfigError(f"he: option 'z_max' must be ≥ 1, got {self.z_max}")
         if self.max_tokens < 0:
             raise ConfigError(f"he: option 'max_tokens' must be ≥ 0, got {self.max_tokens}")
 
@@ -63,7 +67,8 @@ def _check_non_interactive(cfg: ModelConfig, options: HeOptions, max_tokens: int
     from veil.he import params as he_params
     from veil.he.plan import plan
 
-    pl = plan(cfg, he_params.get(options.params), max_tokens, max_tokens)
+    pl = plan(cfg, he_params.get(options.params), max_tokens, max_tokens, gs_tol=options.gs_tol,
+              z_max=options.z_max)
     if pl.refreshes:
         first = pl.refreshes[0]["why"]
         raise ConfigError(f"he: refresh='none' (non-interactive) needs the whole forward within "
@@ -97,7 +102,7 @@ class HeSession(FixedLengthSession):
         if options.server == "thread":
             channel, self.thread, self.server_errors = protocol.serve_in_thread(
                 cfg, opened.weights, options.timeout_s, mask=options.mask,
-                mask_bound=options.mask_bound, gs_tol=options.gs_tol)
+                mask_bound=options.mask_bound, gs_tol=options.gs_tol, z_max=options.z_max)
         else:
             channel = self._spawn(opened.source, options)
         try:
@@ -116,7 +121,7 @@ class HeSession(FixedLengthSession):
         ours, theirs = socket.socketpair()
         spec = json.dumps({"fd": theirs.fileno(), "model": source, "timeout_s": options.timeout_s,
                            "mask": options.mask, "mask_bound": options.mask_bound,
-                           "gs_tol": options.gs_tol})
+                           "gs_tol": options.gs_tol, "z_max": options.z_max})
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "veil.he.server_main", spec],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
@@ -207,12 +212,12 @@ def _describe(cfg: ModelConfig, options: HeOptions) -> list[str]:
     _check_model(cfg)
     p = he_params.get(options.params)
     T = options.max_tokens or protocol.max_tokens_for(cfg, options.params)
-    pl = plan(cfg, p, T, T)
+    pl = plan(cfg, p, T, T, gs_tol=options.gs_tol, z_max=options.z_max)
     s = pl.summary()
     prim = s["primitives"]
     out = [f"{p.name}: N={p.poly_degree}, {p.levels} levels, {p.slots} slots; layout T={pl.layout.T} "
            f"tokens × C={pl.layout.C} features per ciphertext; Goldschmidt {pl.gs_iterations} "
-           f"iterations (gs_tol {options.gs_tol})",
+           f"iterations (gs_tol {options.gs_tol}, z_max {options.z_max:g})",
            f"a forward of {T} tokens: {s['refreshes']} refreshes ({s['refresh_ciphertexts']} "
            f"ciphertexts), {prim.get('rotate', 0)} rotations, {prim.get('pt_mul', 0)} plaintext "
            f"and {prim.get('ct_mul', 0) + prim.get('ct_mul_raw', 0)} ciphertext products"]

@@ -207,12 +207,20 @@ class RangeOps(TorchOps):
             bp = B ** p
             mask = allowed.expand_as(s)
             rows = mask.any(-1)
-            u = mag.masked_fill(~mask, 0.0).pow(p).sum(-1) / mask.sum(-1).clamp(min=1)
-            ud = u.detach()
+            # u^(1/p) = c·(mean (|s|/c)^p)^(1/p), c the row's max |s| (detached, as in
+            # power_weights): no power overflows when a step sends the scores far out
+            m = mag.masked_fill(~mask, 0.0)
+            c = m.detach().amax(-1, keepdim=True) + self.cfg.power_delta
+            mean = (m / c).pow(p).sum(-1) / mask.sum(-1).clamp(min=1)
+            root = c[..., 0] * (mean + 1e-12).pow(1.0 / p)
+            ud = root.detach().double() ** p
             if self.row_weight > 0:
-                root = (u + 1e-12).pow(1.0 / p)
-                self._note("rows", self.row_weight * _hinge(root - B, B, rows),
-                           ((ud > bp) & rows).sum(), int(rows.sum()))
+                # a linear hinge: a row far out pulls no harder than one just out (a squared
+                # one, at the weight this term needs, sent training to NaN within 600 steps)
+                w = rows.expand_as(root).to(root.dtype)
+                pen = (F.relu(root - B) / B * w).sum() / w.sum().clamp(min=1)
+                self._note("rows", self.row_weight * pen, ((ud > bp) & rows).sum(),
+                           int(rows.sum()))
             z = (ud[rows].max() + self.cfg.power_eps) / (self.cfg.power_eps + bp)
             self.stats.z_peak[layer] = max(self.stats.z_peak.get(layer, 0.0), float(z))
         return s, allowed
