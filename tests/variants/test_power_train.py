@@ -91,3 +91,11 @@ def test_quality_rows_compare_against_the_reference(tmp_path):
     assert "| power |" in text and "—" in text
     with pytest.raises(ConfigError, match="reference"):
         quality_rows([Row("power", str(folders["power"]), "base")], TOKENS["heldout"], 15, 4)
+
+
+def test_quality_table_without_training_needs_trained_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("VEIL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="not trained; run without --no-train"):
+        power_recipe.main(["--no-train", "--out", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match="range_weight and range_rows must be ≥ 0"):
+        PowerRecipe(range_rows=-1.0)

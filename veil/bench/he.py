@@ -24,6 +24,7 @@ Parts (each a section of benchmarks/results/he.{json,md,png}):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import statistics
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 import veil
+from veil.bench.results import save_figure, write_results
 from veil.errors import ConfigError
 from veil.he import params as he_params
 from veil.he.ckks import Engine
@@ -152,7 +154,15 @@ def bench_generation(folder: Path, prompt: list[int], new_tokens: int, params: s
 # ---- agreement ------------------------------------------------------------------------------
 
 def _agreement_log(folder: Path, params: str, tokens: int) -> Path:
-    return zoo.cache_dir() / "bench" / f"he_agreement-{folder.name}-{params}-{tokens}.jsonl"
+    """One log per model version (its folder, config and weights' size and time), set, length."""
+    folder = Path(folder).resolve()
+    stamp = [(folder / "veil_model.json").read_text()]
+    for f in sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:12]
+    name = f"he_agreement-{folder.parent.name}-{folder.name}-{digest}-{params}-{tokens}.jsonl"
+    return zoo.cache_dir() / "bench" / name
 
 
 def bench_agreement(folder: Path, prompts: int, tokens: int, ids: list[int],
@@ -457,19 +467,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("server seconds per forward")
     ax.set_title(f"Encrypted forward, {res['meta']['model']} ({res['meta']['params']})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write(res: dict[str, Any], out_dir: str | Path = RESULTS) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "he.json", out / "he.md", out / "he.png"]
-    paths[0].write_text(json.dumps(res, indent=1, default=str) + "\n")
-    paths[1].write_text(markdown(res))
-    plot(res, paths[2])
-    return paths
+    return write_results(out_dir, "he", res, markdown(res), plot)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 from veil.bench.he_track import Ops, PlainEngine, T
+from veil.bench.results import save_figure, write_results
 from veil.errors import ConfigError
 from veil.he.params import SECURE_SETS, CkksParams, smallest_for
 from veil.he.poly import goldschmidt_iterations
@@ -642,19 +643,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("softmax seconds, Pythia-70M shape (6 layers × 8 heads)")
     ax.set_title("Softmax under CKKS")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write(res: dict[str, Any], out_dir: str | Path = RESULTS) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "he_softmax.json", out / "he_softmax.md", out / "he_softmax.png"]
-    paths[0].write_text(json.dumps(res, indent=1) + "\n")
-    paths[1].write_text(markdown(res))
-    plot(res, paths[2])
-    return paths
+    return write_results(out_dir, "he_softmax", res, markdown(res), plot)
 
 
 def parse_lengths(text: str | None) -> tuple[int, ...]:

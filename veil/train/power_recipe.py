@@ -323,6 +323,14 @@ def markdown(table: dict, recipes: dict[str, dict]) -> str:
     return "\n".join(head + lines + tail) + "\n"
 
 
+def _trained(r: PowerRecipe) -> str:
+    folder = default_out(r) / "model"
+    if not (folder / "veil_model.json").is_file() or not (default_out(r) / "run" /
+                                                          "state.json").is_file():
+        raise ConfigError(f"{folder}: not trained; run without --no-train")
+    return folder
+
+
 def recipes_for_table() -> list[PowerRecipe]:
     """The converted default model, the small model, its softmax baseline, and the small model
     from a random embedding (what the projected initialisation buys)."""
@@ -336,9 +344,15 @@ def main(argv: list[str] | None = None) -> None:
                                              "write benchmarks/results/power_quality.{md,json}")
     ap.add_argument("--windows", type=int, default=100)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--no-train", action="store_true",
+                    help="evaluate the models already trained, each with the recipe its "
+                         "checkpoint records (which may predate the current defaults)")
     args = ap.parse_args(argv)
     recipes = recipes_for_table()
-    folders = {r.name(): run_recipe(r) for r in recipes}
+    if args.no_train:
+        folders = {r.name(): _trained(r) for r in recipes}
+    else:
+        folders = {r.name(): run_recipe(r) for r in recipes}
     opened = open_model("default")
     heldout = _tokens(opened, "shakespeare")["heldout"]
     default, small, baseline, random_embed = recipes
@@ -359,6 +373,13 @@ def main(argv: list[str] | None = None) -> None:
         recs[r.name()] = {**d, "kd": kd, "ce": ce, "norm": r.norm_kind,
                           "settings": asdict(r.train_settings),
                           "goldschmidt_iterations": goldschmidt_iterations(r.eps, r.bound, r.p)}
+    if args.no_train:        # what each model was really trained with
+        for r in recipes:
+            used = json.loads((default_out(r) / "run" / "state.json").read_text())["identity"]
+            kd, ce = r.weights
+            recs[r.name()] = {**recs[r.name()], **used["recipe"], "settings": used["settings"],
+                              "kd": kd, "ce": ce, "norm": r.norm_kind}
+            recs[r.name()].setdefault("range_rows", 0.0)     # before the row term existed
     table["recipes"] = recs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
