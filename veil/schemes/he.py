@@ -242,8 +242,11 @@ HE = Scheme(
     trusted="the client", sees="CKKS ciphertexts (and the client: refreshed activations)",
     kind="he",
     status="**implemented**: Power-Softmax polynomial models (`veil train power`), encrypted "
-           "forward on TenSEAL/SEAL CKKS with client-aided refresh in place of bootstrapping, "
-           "`veil bench he-softmax` / `he` — see [docs/he.md](docs/he.md)",
+           "forward on TenSEAL/SEAL CKKS (128-bit n16384) with masked client-aided refresh in place "
+           "of bootstrapping, or non-interactive when the model fits; the small 2-layer model: "
+           "26 s per 16-token forward, next token = plaintext's on 100/100 held-out prompts; "
+           "softmax alone 9.9× faster than Taylor-exp at 1,024 tokens (paper 9.8×) — see "
+           "[docs/he.md](docs/he.md)",
     options=HeOptions, support=SUPPORT,
     tolerance=_CKKS, open=_open, check_model=_check_model, describe=_describe,
     placement=(

@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             kd, ce = r.weights
             recs[r.name()] = {**recs[r.name()], **used["recipe"], "settings": used["settings"],
                               "kd": kd, "ce": ce, "norm": r.norm_kind}
-            recs[r.name()].setdefault("range_rows", 0.0)     # before the row term existed
+            if "range_rows" not in used["recipe"]:          # trained before the row term
+                recs[r.name()]["range_rows"] = 0.0
     table["recipes"] = recs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
