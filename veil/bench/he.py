@@ -28,7 +28,6 @@ import hashlib
 import json
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from veil.he.ckks import Engine
 from veil.he.clear import ClearEngine, local_forward
 from veil.he.executor import CATEGORIES, choose_layout, rotation_steps
 from veil.he.plan import plan, primitive_costs, project
-from veil.model import native, zoo
+from veil.model import zoo
 from veil.model.config import ModelConfig
 from veil.model.forward import hidden_states
 from veil.model.opening import open_model
@@ -86,6 +85,12 @@ def heldout_ids(model: veil.Model, n: int) -> list[int]:
     if len(toks) < n:
         raise ConfigError(f"held-out text has {len(toks)} tokens, fewer than {n}")
     return [int(t) for t in toks[:n]]
+
+
+def _final_normed(ops: Any, hs: np.ndarray) -> torch.Tensor:
+    """What the client does with the last position of a decrypted hidden state: its final norm
+    (1, 1, d)."""
+    return ops.norm(torch.tensor(hs[-1:], dtype=torch.float32)[None], "final_norm")
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -190,9 +195,7 @@ def bench_agreement(folder: Path, prompts: int, tokens: int, ids: list[int],
                 emb = plain.session.ops.embed(torch.tensor([w]))[0]
                 h, _ = local_forward(cfg, layer_w, ClearEngine(p),
                                      choose_layout(cfg, p.slots, m.session.client.lay.T), emb)
-                hf = plain.session.ops.norm(torch.tensor(h[-1:], dtype=torch.float32)[None],
-                                            "final_norm")
-                clear = plain.session.ops.lm_head(hf)[0, -1]
+                clear = plain.session.ops.lm_head(_final_normed(plain.session.ops, h))[0, -1]
                 rec = {"i": i, "plain": int(ref.argmax()), "enc": int(enc.argmax()),
                        "clear": int(clear.argmax()), "enc_err": float((enc - ref).abs().max()),
                        "clear_err": float((clear - ref).abs().max()), "s": dt}
@@ -242,11 +245,7 @@ def bench_layer(tokens: int, ids: list[int]) -> dict[str, Any]:
         eng.close()
     hc, _ = local_forward(cfg, layer_w, ClearEngine(p), lay, emb)
 
-    def final(hs: np.ndarray) -> np.ndarray:      # the client's final norm of the last position
-        t = torch.tensor(hs[-1:], dtype=torch.float32)[None]
-        return ops.norm(t, "final_norm")[0, 0].double().numpy()
-
-    h, hc = final(h), final(hc)
+    h, hc = (_final_normed(ops, x)[0, 0].double().numpy() for x in (h, hc))
     scale = float(np.abs(ref).max())
     return {"model": opened.cfg.name, "layer": 0, "tokens": tokens, "params": PARAMS,
             "T": lay.T, "C": lay.C, "keygen_s": keys_s, "seconds": total,
@@ -345,7 +344,7 @@ def _pct(part: float, total: float) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
-    L = [f"# `he`: encrypted inference of a Power-Softmax model (CKKS)", "",
+    L = ["# `he`: encrypted inference of a Power-Softmax model (CKKS)", "",
          f"{m['when']} · {m['machine']} · SEAL via TenSEAL · `{m['params']}` "
          f"({'128-bit' if m.get('secure', True) else 'INSECURE test set'}) · model "
          f"`{m['model']}` ({res['model']['n_layers']} layers, d={res['model']['d_model']}, "

@@ -35,7 +35,6 @@ triangle is packed as zeros, not skipped), rows never split across ciphertexts.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics

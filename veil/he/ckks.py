@@ -65,6 +65,8 @@ class Engine:
     """One party's view of a CKKS instance. The client (`Engine.client`) holds the secret key;
     the server (`Engine.server`) has the public, relinearisation and Galois keys only."""
 
+    symbolic = False       # real ciphertexts (plan.CountingEngine counts instead)
+
     def __init__(self, params: CkksParams, context: seal.SEALContext) -> None:
         self.params = params
         self.ctx = context

@@ -17,7 +17,7 @@ import torch
 
 from veil.errors import ConfigError
 from veil.he.ckks import Counters
-from veil.he.executor import Z_MAX, HeOps, choose_layout
+from veil.he.executor import Z_MAX, HeOps, choose_layout, client_refresh
 from veil.he.layout import Enc, Layout
 from veil.he.params import CkksParams
 from veil.model.config import ModelConfig
@@ -115,11 +115,7 @@ def local_forward(cfg: ModelConfig, weights: dict[str, Any], eng: Any, lay: Layo
     n = embeds.shape[0]
 
     def refresh(cts, kind, n_tok, width):
-        vals = [eng.decrypt(c) for c in cts]
-        if kind == "rms":
-            x = lay.unpack(vals, n_tok, width)
-            x = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps)
-            vals = lay.pack(x)
+        vals = client_refresh(cfg, lay, [eng.decrypt(c) for c in cts], kind, n_tok, width)
         if trace is not None:
             trace.append((kind, float(max(np.abs(v).max() for v in vals))))
         return [eng.encrypt(v) for v in vals]

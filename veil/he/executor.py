@@ -36,9 +36,9 @@ import numpy as np
 
 from veil.backends.plain import rope_tables
 from veil.csprng import SecretRng
-from veil.errors import ConfigError, UnsupportedError
+from veil.errors import ConfigError, ProtocolAbort, UnsupportedError
 from veil.he.ckks import Ct, Engine
-from veil.he.layout import Enc, Layout, diagonals, pow2_at_least, rot, spread
+from veil.he.layout import Enc, Layout, diagonals, pow2_at_least, spread
 from veil.he.support import SUPPORT
 from veil.he.poly import eval_poly, goldschmidt, goldschmidt_iterations, poly_depth, power, \
     power_depth
@@ -246,7 +246,7 @@ class HeOps:
         pre = x.scale
         RW = self._rotate_half(W) if rope else None
         cos, sin = self._rope_tables(out_w) if rope else (None, None)
-        symbolic = getattr(eng, "symbolic", False)     # a depth plan: counts, no slot vectors
+        symbolic = eng.symbolic            # a depth plan: counts, no slot vectors
         ks = np.arange(C)
         roll_k = (np.arange(lay.slots)[None, :] + ks[:, None] * T) % lay.slots   # rot(·, k·T)
         out = []
@@ -443,6 +443,19 @@ class HeOps:
 
     def new_cache(self, batch: int, capacity: int) -> None:
         return None
+
+
+def client_refresh(cfg: ModelConfig, lay: Layout, vals: list[np.ndarray], kind: str, n: int,
+                   width: int) -> list[np.ndarray]:
+    """The key holder's side of a refresh on decrypted slot vectors: `plain` returns them as they
+    are, `rms` the exact RMS norm of the first n tokens' `width` features (the norm's weight is
+    left pending on the server)."""
+    if kind == "plain":
+        return vals
+    if kind != "rms":
+        raise ProtocolAbort(f"refresh: unknown kind {kind!r}")
+    x = lay.unpack(vals, n, width)
+    return lay.pack(x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps))
 
 
 def rotation_steps(cfg: ModelConfig, lay: Layout) -> list[int]:

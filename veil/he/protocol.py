@@ -18,7 +18,6 @@ frame SEAL rejects (tampered, truncated, other parameters) is a `ProtocolAbort` 
 
 from __future__ import annotations
 
-import json
 import math
 import socket
 import threading
@@ -33,7 +32,7 @@ from veil.backends.plain import TorchOps
 from veil.errors import ConfigError, ProtocolAbort
 from veil.he import params as he_params
 from veil.he.ckks import Ct, Engine
-from veil.he.executor import Z_MAX, HeOps, choose_layout, rotation_steps
+from veil.he.executor import Z_MAX, HeOps, choose_layout, client_refresh, rotation_steps
 from veil.he.layout import Enc, Layout
 from veil.model.config import ModelConfig
 from veil.model.forward import hidden_states
@@ -230,14 +229,10 @@ class HeClient:
         kind, n, width = msg.args.get("kind"), msg.args.get("n"), msg.args.get("width")
         cts = _cts(self.eng, msg, "ciphertext to refresh")
         vals = [self.eng.decrypt(c) for c in cts]
-        if kind == "rms":
-            if not isinstance(n, int) or not isinstance(width, int) or not 0 < n <= self.lay.T:
-                raise ProtocolAbort(f"refresh: bad shape n={n!r} width={width!r}")
-            x = self.lay.unpack(vals, n, width)
-            x = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + self.cfg.norm_eps)
-            vals = self.lay.pack(x)
-        elif kind != "plain":
-            raise ProtocolAbort(f"refresh: unknown kind {kind!r}")
+        if kind == "rms" and (not isinstance(n, int) or not isinstance(width, int)
+                              or not 0 < n <= self.lay.T):
+            raise ProtocolAbort(f"refresh: bad shape n={n!r} width={width!r}")
+        vals = client_refresh(self.cfg, self.lay, vals, kind, n, width)
         if self.view.record:
             self.view.refreshed.append((kind, np.stack(vals)))
         self.ch.send(Message("refreshed", {}, _blobs(self.eng, [self.eng.encrypt(v)

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from veil.errors import ConfigError, ProtocolAbort, UnsupportedError
+from veil.errors import ConfigError, UnsupportedError
 from veil.model.config import ModelConfig
 from veil.model.generate import GenerationTrace, SamplingConfig, sampler
 from veil.model.opening import OpenedModel
@@ -105,14 +105,16 @@ class HeSession(FixedLengthSession):
                 mask_bound=options.mask_bound, gs_tol=options.gs_tol, z_max=options.z_max)
         else:
             channel = self._spawn(opened.source, options)
+        started = False
         try:
             self.client = protocol.HeClient(cfg, opened.weights, channel, options.params,
                                             max_tokens, record=options.record_view,
                                             refresh=options.refresh == "client")
-        except BaseException:
-            channel.close()
-            self._stop_server()
-            raise
+            started = True
+        finally:
+            if not started:     # whatever stopped the set-up, the server must not outlive it
+                channel.close()
+                self._stop_server()
         self._finalizer = weakref.finalize(self, _release, self.client, self.proc, self.thread)
 
     def _spawn(self, source: str, options: HeOptions):
