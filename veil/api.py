@@ -157,11 +157,13 @@ class Model:
                      on_token=streamer.push if streamer is not None else None)
         split = None
         if isinstance(session, FixedLengthSession):
-            rows, trace = generate_fixed(self.cfg, session.run_fixed, ids, s, **hooks)
+            with session.running():
+                rows, trace = generate_fixed(self.cfg, session.run_fixed, ids, s, **hooks)
         else:
             assert isinstance(session, StepSession)
             before = session.counters()
-            rows, trace = generate_ids(self.cfg, session.ops, ids, s, **hooks)
+            with session.running():
+                rows, trace = generate_ids(self.cfg, session.ops, ids, s, **hooks)
             after = session.counters()
             split = after.since(before) if after is not None and before is not None else None
         out = []
@@ -198,9 +200,10 @@ class Model:
         check_prompts(self.cfg, rows)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids, mask = pad_batch(rows, pad)
-        cache = session.ops.new_cache(ids.shape[0], ids.shape[1])
-        with torch.inference_mode():
-            out = forward(self.cfg, session.ops, ids, padded_step(mask, mask), cache)
+        with session.running():
+            cache = session.ops.new_cache(ids.shape[0], ids.shape[1])
+            with torch.inference_mode():
+                out = forward(self.cfg, session.ops, ids, padded_step(mask, mask), cache)
         return out.float()
 
 

@@ -39,28 +39,30 @@ def test_pad_products_live_on_the_device_not_in_the_enclave():
 
 
 def _tamper(loro, how):
+    """The 7th fetching linear: the device alters the pad rows it sends ahead of its result."""
     state = loro.ops.device_state
     honest = state._op_linear
     calls = {"n": 0}
 
     def evil(msg):
-        reply = honest(msg)
         calls["n"] += 1
-        if calls["n"] == 7 and "fetch" in msg.args:
-            k = len(msg.args["names"])
-            blob = reply.tensors[k]
-            if how == "flip":
-                blob = blob.clone()
-                blob[0, 5] ^= 1
-            elif how == "swap-row":
-                start, n = msg.args["fetch"]
-                store = state.tensors[f"pads.{msg.args['names'][0]}"]
-                blob = store[start + 1:start + 1 + n]
-            elif how == "drop":
-                reply.tensors = reply.tensors[:k]
-                return reply
-            reply.tensors[k] = blob
-        return reply
+        send = state._early
+        if calls["n"] == 7 and "fetch" in msg.args and send is not None:
+            def altered(early):
+                blob = early.tensors[0]
+                if how == "flip":
+                    blob = blob.clone()
+                    blob[0, 5] ^= 1
+                elif how == "swap-row":
+                    start, n = msg.args["fetch"]
+                    blob = state.tensors[f"pads.{msg.args['names'][0]}"][start + 1:start + 1 + n]
+                elif how == "drop":
+                    early.tensors = early.tensors[:-1]
+                    return send(early)
+                early.tensors[0] = blob
+                send(early)
+            state._early = altered
+        return honest(msg)
 
     state._op_linear = evil
 

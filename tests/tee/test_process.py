@@ -31,11 +31,11 @@ def test_device_killed_mid_generation_is_a_clear_error():
     protocol = loro.ops.protocol
     original = protocol.precompute
 
-    def kill_on_tenth(name, x, ctx):
+    def kill_on_tenth(name, x, ctx, fetched):
         state["n"] += 1
         if state["n"] == 10:
             os.kill(proc.pid, signal.SIGKILL)
-        return original(name, x, ctx)
+        return original(name, x, ctx, fetched)
 
     protocol.precompute = kill_on_tenth
     t0 = time.monotonic()

@@ -89,12 +89,12 @@ class HeServer:
     def serve(self) -> None:
         try:
             while True:
-                self.ch.sock.settimeout(IDLE_S)
+                self.ch.set_timeout(IDLE_S)
                 try:
                     msg = self.ch.recv()
                 except ProtocolAbort:
                     return                                  # the client went away
-                self.ch.sock.settimeout(self.timeout_s)
+                self.ch.set_timeout(self.timeout_s)
                 if msg.op == "bye":
                     return
                 if msg.op == "setup":

@@ -8,6 +8,8 @@ suite read that list and nothing else.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import types
 import typing
@@ -143,6 +145,11 @@ class Session(ABC):
 
     def _release(self) -> None:
         """Subclasses: stop what they started."""
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """Entered around each generation or forward the session runs (a TEE session sets the
+        enclave's torch threads there; veil/tee/placement.py)."""
+        return contextlib.nullcontext()
 
 
 class StepSession(Session):

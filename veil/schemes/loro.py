@@ -5,8 +5,12 @@ veil/tee/schemes/loro.py; the runtime: veil/tee/runtime.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
 
 from veil.backends.plain import TorchOps
+from veil.errors import ConfigError
 from veil.model.opening import OpenedModel
 from veil.tee.artifact import Opened
 from veil.schemes.base import Placement, Protected, Scheme, Tolerance
@@ -18,11 +22,24 @@ from veil.tee.schemes.loro import LoroConfig, LoroSecrets
 @dataclass(frozen=True)
 class LoroRunOptions(DeviceOptions):
     """What running LoRO takes (an artifact too): the device's options, Freivalds checks of every
-    device result, and fresh attention mixings per conversation (off: the sealed ones, reused by
-    every conversation, as the paper's code does)."""
+    device result, fresh attention mixings per conversation (off: the sealed ones, reused by
+    every conversation, as the paper's code does), and the dtype of the pads' products g·W'ᵀ
+    (float32 by default: half the bytes of float64 stored on, fetched from and opened off the
+    device, at about twice float64's logit error — both measured in benchmarks/results/tee.md)."""
 
     verify: bool = False
     fresh_mixing: bool = True
+    pad_products: Literal["float32", "float64"] = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pad_products not in ("float32", "float64"):
+            raise ConfigError("option 'pad_products' must be 'float32' or 'float64', got "
+                              f"{self.pad_products!r}")
+
+    @property
+    def pad_dtype(self) -> torch.dtype:
+        return torch.float32 if self.pad_products == "float32" else torch.float64
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ def _open(opened: OpenedModel, o: LoroOptions) -> TeeSession:
     return start_session(
         "loro", opened.cfg, o, mode, device_weights, secrets_,
         lambda device, weight_of: run_loro(opened.cfg, secrets_, lcfg, device, weight_of,
-                                           o.verify, o.fresh_mixing), owned=False)
+                                           o.verify, o.fresh_mixing, o.pad_dtype), owned=False)
 
 
 def _protect(opened: OpenedModel, o: LoroOptions) -> Protected:
@@ -61,7 +78,7 @@ def _open_protected(art: Opened, o: LoroRunOptions) -> TeeSession:
     return start_session(
         "loro", art.cfg, o, mode, art.device_weights, secrets_,
         lambda device, _: run_loro(art.cfg, secrets_, lcfg, device, art.weight_of, o.verify,
-                                   o.fresh_mixing),
+                                   o.fresh_mixing, o.pad_dtype),
         owned=True)
 
 

@@ -3,6 +3,7 @@ drives the enclave's Ops over it."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -13,6 +14,7 @@ from veil.cost import SplitCost
 from veil.errors import ConfigError
 from veil.schemes.base import DeviceViewing, EnclaveHolding, SchemeOptions, StepSession
 from veil.tee.device import View
+from veil.tee.placement import Placement, choose, enclave_threads
 from veil.tee.process import DeviceHandle
 from veil.tee.runtime import TeeModelOps, start_device
 
@@ -20,12 +22,14 @@ from veil.tee.runtime import TeeModelOps, start_device
 @dataclass(frozen=True)
 class DeviceOptions(SchemeOptions):
     """The untrusted device: a thread speaking the wire protocol (the default of `veil.load`) or
-    its own OS process (the default for an artifact); its torch threads and cores (process only);
-    whether it records everything it receives (`Model.device_view`)."""
+    its own OS process (the default for an artifact); its torch threads, its cores and how both
+    sides wait on the channel (process only; unset, veil/tee/placement.py chooses them for the
+    machine); whether it records everything it receives (`Model.device_view`)."""
 
     device: Literal["thread", "process"] | None = None
     device_threads: int | None = None
     device_cpus: tuple[int, ...] | None = None
+    wait: Literal["auto", "spin", "block"] = "auto"
     record_view: bool = False
 
     def __post_init__(self) -> None:
@@ -34,14 +38,16 @@ class DeviceOptions(SchemeOptions):
         if self.device_cpus is not None and (not self.device_cpus
                                              or any(c < 0 for c in self.device_cpus)):
             raise ConfigError(f"option 'device_cpus' must list core numbers, got {self.device_cpus}")
+        if self.wait not in ("auto", "spin", "block"):
+            raise ConfigError(f"option 'wait' must be 'auto', 'spin' or 'block', got {self.wait!r}")
         if self.device == "thread" and self._process_only():
             raise ConfigError(self._process_only())
 
     def _process_only(self) -> str:
         """The complaint when options only a device process takes are set, or ""."""
-        if self.device_threads is None and self.device_cpus is None:
+        if self.device_threads is None and self.device_cpus is None and self.wait == "auto":
             return ""
-        return "options 'device_threads' and 'device_cpus' need device='process'"
+        return "options 'device_threads', 'device_cpus' and 'wait' need device='process'"
 
     def mode(self, default: str, scheme: str) -> str:
         """The device mode for a path whose default is `default`, checked against the options
@@ -51,10 +57,20 @@ class DeviceOptions(SchemeOptions):
             raise ConfigError(f"{scheme}: {self._process_only()}")
         return mode
 
+    def placement(self, mode: str) -> Placement | None:
+        """Threads, cores and waits for a device process (None for a thread: it shares this
+        process's torch threads)."""
+        if mode != "process":
+            return None
+        return choose(self.device_threads, self.device_cpus, self.wait)
+
     def start(self, weights: dict[str, torch.Tensor] | Path | None, mode: str
               ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
-        return start_device(weights, mode, self.record_view, self.device_threads,
-                            list(self.device_cpus) if self.device_cpus is not None else None)
+        p = self.placement(mode)
+        if p is None:
+            return start_device(weights, mode, self.record_view)
+        return start_device(weights, mode, self.record_view, p.device_threads,
+                            list(p.device_cpus) if p.device_cpus is not None else None, p.spin_s)
 
 
 class TeeSession(StepSession, DeviceViewing, EnclaveHolding):
@@ -64,9 +80,16 @@ class TeeSession(StepSession, DeviceViewing, EnclaveHolding):
 
     ops: TeeModelOps
 
-    def __init__(self, scheme: str, cfg: Any, ops: TeeModelOps, owned: bool) -> None:
+    def __init__(self, scheme: str, cfg: Any, ops: TeeModelOps, owned: bool,
+                 placement: Placement | None = None) -> None:
         super().__init__(scheme, cfg, ops)
         self.owned = owned
+        self.placement = placement
+
+    def running(self) -> contextlib.AbstractContextManager:
+        if self.placement is None:
+            return contextlib.nullcontext()
+        return enclave_threads(self.placement.enclave_threads)
 
     def counters(self) -> SplitCost:
         return self.ops.cost_counters()
@@ -100,7 +123,8 @@ def start_session(scheme: str, cfg: Any, options: DeviceOptions, mode: str,
     done = False
     try:
         device, weight_of = options.start(device_weights, mode)
-        session = TeeSession(scheme, cfg, build(device, weight_of), owned)
+        session = TeeSession(scheme, cfg, build(device, weight_of), owned,
+                             options.placement(mode))
         done = True
         return session
     finally:

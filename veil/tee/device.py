@@ -8,7 +8,9 @@ everything resident in its memory (`View`). Attacks and audits take a `View` and
 Ops (request → reply):
   put      tensors named by args.names → stored (resident)              → ok
   linear   args.names, x (N, in)       → [x W_nᵀ + b_n for each name]   (one round trip for several)
-           [args.fetch = [start, n]: followed by rows start…start+n of "pads.<name>" for each name]
+           [args.fetch = [start, n]: rows start…start+n of "pads.<name>" for each name, sent as
+           a frame of their own ("pads") *before* the device multiplies — the enclave opens them
+           while the device computes — then the reply]
   stash    args.names/start/capacity, blobs (n, L) uint8 → rows start… of opaque row stores
            (capacity rows each; LoRO's sealed pad products, veil/tee/pads.py)   → ok
   rows     args.name, ids (N,)         → rows of a stored table (embedding lookups)
@@ -33,6 +35,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +75,12 @@ class DeviceState:
         self.busy_s = 0.0       # time spent computing replies (not waiting for requests)
         self.executor: TorchOps | None = None       # after `configure`
         self.values: dict[int, torch.Tensor] = {}   # a program's values, kept until freed
+        self._early: Callable[[Message], None] | None = None
 
-    def handle(self, msg: Message) -> Message:
+    def handle(self, msg: Message, early: Callable[[Message], None] | None = None) -> Message:
+        """The reply to `msg`. `early`: sends a frame ahead of the reply (op `linear`'s fetched
+        pad rows); without it they are appended to the reply."""
+        self._early = early
         handler = getattr(self, f"_op_{msg.op}", None)
         if handler is None:
             raise ProtocolAbort(f"unknown op {msg.op!r}")
@@ -115,22 +122,28 @@ class DeviceState:
 
     def _op_linear(self, msg: Message) -> Message:
         (x,) = msg.tensors
-        out = []
-        for name in msg.args["names"]:
-            w = self._need(f"{name}.weight")
+        names = msg.args["names"]
+        weights = [self._need(f"{name}.weight") for name in names]
+        for name, w in zip(names, weights):
             if x.shape[-1] != w.shape[1]:
                 raise ProtocolAbort(f"linear {name}: input has {x.shape[-1]} features, weight takes {w.shape[1]}")
-            out.append(F.linear(x, w, self.tensors.get(f"{name}.bias")))
-            self.flops += 2 * x[..., 0].numel() * w.numel()
+        fetched = []
         if "fetch" in msg.args:
             start, n = (int(v) for v in msg.args["fetch"])
-            for name in msg.args["names"]:
+            for name in names:
                 store = self._need(f"pads.{name}")
                 if start < 0 or n < 0 or start + n > store.shape[0]:
                     raise ProtocolAbort(f"linear {name}: fetch rows {start}+{n} outside the store "
                                         f"({store.shape[0]} rows)")
-                out.append(store[start:start + n])
-        return Message("linear", {}, out)
+                fetched.append(store[start:start + n])
+            if self._early is not None:
+                self._early(Message("pads", {}, fetched))
+                fetched = []
+        out = []
+        for name, w in zip(names, weights):
+            out.append(F.linear(x, w, self.tensors.get(f"{name}.bias")))
+            self.flops += 2 * x[..., 0].numel() * w.numel()
+        return Message("linear", {}, out + fetched)
 
     def _op_stash(self, msg: Message) -> Message:
         a = msg.args
@@ -273,7 +286,7 @@ def serve(channel: Channel, state: DeviceState) -> None:
         except ProtocolAbort:
             return
         try:
-            reply = state.handle(msg)
+            reply = state.handle(msg, channel.send)
         except (ProtocolAbort, KeyError, ValueError, RuntimeError, TypeError) as exc:
             reply = Message(ERROR_OP, {"message": f"{msg.op}: {exc}"})
         try:

@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
         return 2
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
-    channel = Channel(socket.socket(fileno=spec.fd), timeout_s=ENCLAVE_WAIT_S, peer="enclave")
+    channel = Channel(socket.socket(fileno=spec.fd), timeout_s=ENCLAVE_WAIT_S, peer="enclave",
+                      spin_s=spec.spin_s)
     state = DeviceState(record=spec.record)
     with safe_open(spec.weights, framework="pt") as f:
         for key in f.keys():

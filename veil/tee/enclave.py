@@ -4,7 +4,9 @@ It runs the one forward (veil/model/forward.py). Cheap ops — norms, activation
 adds — run here on enclave-held parameters; the heavy linear work and the attention go to the
 device through a `Channel`, concealed by the scheme's `LinearProtocol`, and come back to be
 revealed. While the device multiplies, the enclave computes its own share of the work (LoRO's
-low-rank correction): requests are sent first, the scheme's `precompute` runs, then replies are read.
+low-rank correction, and opening the sealed pad products the device sends ahead of its result):
+requests are sent first, the scheme's `precompute` runs, then replies are read, so only `reveal`
+(one subtraction for LoRO) sits between the device's answer and the next request.
 
 Attention runs on the device under secret head-block transforms (veil/tee/mixing.py): Q·Kᵀ per
 head is unchanged, so the device's softmax is exact; the enclave applies RoPE before the transform
@@ -57,14 +59,15 @@ class LinearProtocol(Protocol):
 
     def request_args(self, ctx: Any) -> dict:
         """Extra arguments for the device's linear request (e.g. LoRO's pad-store fetch: the
-        device then appends one extra tensor per name to its reply)."""
+        device then sends one extra tensor per name, in a frame ahead of its reply)."""
 
-    def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
-        """Enclave work that overlaps the device's matmul (e.g. LoRO's (xB)A)."""
+    def precompute(self, name: str, x: torch.Tensor, ctx: Any, fetched: torch.Tensor | None
+                   ) -> Any:
+        """Enclave work that overlaps the device's matmul (e.g. LoRO's (xB)A and opening the
+        pad products `fetched` for this name)."""
 
-    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any,
-               fetched: torch.Tensor | None) -> torch.Tensor:
-        """The device's output (and the extra tensor fetched for this name) → the true y."""
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any) -> torch.Tensor:
+        """The device's output → the true y (the critical path: keep it short)."""
 
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
         """Rows of an obfuscated table (embeddings) → the true rows."""
@@ -158,18 +161,24 @@ class EnclaveOps(TorchOps):
         x_dev, ctx = self.protocol.conceal(group, flat)
         args = self.protocol.request_args(ctx)
         self.channel.send(Message("linear", {"names": list(names), **args}, [x_dev]))
-        pre = [self.protocol.precompute(n, flat, ctx) for n in names]    # overlaps the device
-        reply = self.channel.reply().tensors
         k = len(names)
-        if len(reply) != (2 * k if args else k):
-            raise ProtocolAbort(f"linear {group}: the device sent {len(reply)} tensors, "
-                                f"expected {2 * k if args else k}")
-        outs, fetched = reply[:k], (reply[k:] if args else [None] * k)
+        fetched: list[torch.Tensor | None] = [None] * k
+        if args:
+            # the device sends what it fetched before it multiplies: opening it overlaps the device
+            early = self.channel.recv()
+            if early.op != "pads" or len(early.tensors) != k:
+                raise ProtocolAbort(f"linear {group}: the device sent {early.op!r} with "
+                                    f"{len(early.tensors)} tensors, expected the {k} fetched rows")
+            fetched = list(early.tensors)
+        pre = [self.protocol.precompute(n, flat, ctx, f) for n, f in zip(names, fetched)]
+        outs = self.channel.reply().tensors
+        if len(outs) != k:
+            raise ProtocolAbort(f"linear {group}: the device sent {len(outs)} tensors, expected {k}")
         if self.verifier is not None:
             for n, y in zip(names, outs):
                 self.verifier.check_linear(n, x_dev, y)
-        return tuple(self.protocol.reveal(n, y, p, ctx, f).view(*lead, -1)
-                     for n, y, p, f in zip(names, outs, pre, fetched))
+        return tuple(self.protocol.reveal(n, y, p, ctx).view(*lead, -1)
+                     for n, y, p in zip(names, outs, pre))
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.linears(x, (name,))[0]

@@ -1,13 +1,14 @@
 """LoRO's one-time pads: made offline in the enclave, their products kept sealed on the device.
 
 A fresh pad g (one Gaussian row per input row and linear group) needs its product g·W'ᵀ for each
-matrix of the group — out floats per row, ~1.7 MiB per token for the default model, far more than
+matrix of the group — out floats per row, ~0.8 MiB per token for the default model in float32, far more than
 a TEE's secure memory should hold for a whole conversation. So (`fresh`, the default):
 
 - The pads themselves are never stored: row i of group k is AES-256-CTR keystream (key K_pad,
   counter block = epoch | k | i·stride) turned Gaussian by Box–Muller. The enclave regenerates a
   row when it needs it; nothing about it exists outside the enclave.
-- Offline (`refill`, before a generation) the enclave makes each row's products g·W'ᵀ (float64)
+- Offline (`refill`, before a generation) the enclave makes each row's products g·W'ᵀ (float32
+  by default; float64 halves their rounding at twice the bytes)
   and seals each (matrix, row) with AES-256-GCM under K_seal, nonce = epoch | matrix | row, then
   stores the ciphertexts on the device (op `stash`). The nonce binds every blob to its place:
   a device that returns another row, another matrix's row, an older epoch's row or altered bytes
@@ -92,13 +93,17 @@ class PadPool:
     """Pads for every linear group, and their products g·W'ᵀ.
 
     `take(group, rows)` hands out the next unused pad rows and a ticket; `products(name, ticket,
-    fetched)` returns the matching g·W'ᵀ rows (float64) — opened from the sealed blobs the device
-    sent back (`fresh`) or from enclave memory (`fixed`)."""
+    fetched)` returns the matching g·W'ᵀ rows (`dtype`: float32 by default, or float64) —
+    opened from the sealed blobs the device sent back (`fresh`) or from enclave memory (`fixed`)."""
 
     def __init__(self, groups: dict[str, tuple[str, ...]], mode: str,
                  weight_of: Callable[[str], torch.Tensor],
-                 stash: Callable[[list[str], int, int, list[torch.Tensor]], None] | None = None) -> None:
+                 stash: Callable[[list[str], int, int, list[torch.Tensor]], None] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"pad products are float32 or float64, not {dtype}")
         self.groups, self.mode, self.weight_of, self.stash = groups, mode, weight_of, stash
+        self.dtype = dtype
         self.group_index = {g: i for i, g in enumerate(groups)}
         self.matrix_index = {n: i for i, n in enumerate(n for names in groups.values() for n in names)}
         self.in_dim = {g: weight_of(names[0]).shape[1] for g, names in groups.items()}
@@ -126,15 +131,16 @@ class PadPool:
         t0 = time.perf_counter()
         self.epoch += 1
         for g, names in self.groups.items():
-            weights = [self.weight_of(n).double() for n in names]
+            weights = [self.weight_of(n).to(self.dtype) for n in names]
             for start in range(0, rows, _CHUNK_ROWS):
                 n = min(_CHUNK_ROWS, rows - start)
                 pad = self.stream.rows(self.epoch, self.group_index[g], start, n, self.in_dim[g])
                 blobs = []
                 for name, w in zip(names, weights):
-                    # float64: the enclave's share should add no rounding of its own to the
-                    # cancellation ỹ − c − s·g·W'ᵀ, whose terms are much larger than y
-                    prod = pad.double() @ w.t()                                # (n, out)
+                    # in the products' dtype: float32 rounds like the device's own ỹ (the
+                    # cancellation's error about doubles; measured in benchmarks/results/tee.md),
+                    # float64 adds none of its own but doubles the bytes stored, moved and opened
+                    prod = pad.to(self.dtype) @ w.t()                          # (n, out)
                     self.cost.flops += 2 * n * w.numel()
                     if self.mode == "fixed":
                         self.pads[g], self.fixed_products[name] = pad, prod
@@ -184,7 +190,8 @@ class PadPool:
 
     def products(self, name: str, ticket: tuple[int, int],
                  fetched: torch.Tensor | None) -> torch.Tensor:
-        """g·W'ᵀ rows of the ticket (float64, (rows, out)); sealed ones are verified first."""
+        """g·W'ᵀ rows of the ticket ((rows, out), the pool's dtype); sealed ones are verified
+        first."""
         start, rows = ticket
         if self.mode == "fixed":
             return self.fixed_products[name].expand(rows, -1)
@@ -205,7 +212,7 @@ class PadPool:
             raise IntegrityError(f"pad store: a sealed pad product of {name} (rows {start}–"
                                  f"{start + rows - 1}) failed authentication (tampered, swapped "
                                  f"or stale)") from None
-        return torch.frombuffer(bytearray(plain), dtype=torch.float64).view(rows, -1)
+        return torch.frombuffer(bytearray(plain), dtype=self.dtype).view(rows, -1)
 
     def wipe(self) -> None:
         """End of the session: zero the rows kept in the enclave, and replace both keys with new

@@ -36,11 +36,13 @@ class DeviceSpec:
     fd: int                      # the inherited socket to the enclave
     record: bool = False         # keep everything received (the device view)
     threads: int | None = None   # torch threads (None: torch's choice)
+    spin_s: float = 0.0          # the channel's busy-poll before it blocks (veil/tee/placement.py)
 
     def __post_init__(self) -> None:
         ok = (isinstance(self.weights, str) and isinstance(self.fd, int) and self.fd >= 0
               and isinstance(self.record, bool)
-              and (self.threads is None or (isinstance(self.threads, int) and self.threads >= 1)))
+              and (self.threads is None or (isinstance(self.threads, int) and self.threads >= 1))
+              and isinstance(self.spin_s, (int, float)) and 0 <= self.spin_s <= 1)
         if not ok:
             raise ConfigError(f"malformed device spec {asdict(self)}")
 
@@ -80,12 +82,12 @@ class DeviceHandle:
     @staticmethod
     def in_process(weights: Path, record: bool, cleanup: Path | None = None,
                    timeout_s: float = 60.0, threads: int | None = None,
-                   cpus: list[int] | None = None) -> "DeviceHandle":
-        """Start the device process. threads: its torch thread count (default: torch's choice;
-        on a machine shared with the enclave, 1 keeps the two from fighting over cores).
-        cpus: the cores it may run on (benchmarks give enclave and device a core each)."""
+                   cpus: list[int] | None = None, spin_s: float = 0.0) -> "DeviceHandle":
+        """Start the device process. threads: its torch thread count (default: torch's choice);
+        cpus: the cores it may run on; spin_s: both ends' busy-poll before a read blocks
+        (veil/tee/placement.py chooses all three for the machine)."""
         ours, theirs = socket.socketpair()
-        cmd = DeviceSpec(str(weights), theirs.fileno(), record, threads).argv()
+        cmd = DeviceSpec(str(weights), theirs.fileno(), record, threads, spin_s).argv()
         try:
             proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
@@ -95,7 +97,8 @@ class DeviceHandle:
             raise ConfigError(f"cannot start the device process ({exc})") from None
         finally:
             theirs.close()
-        handle = DeviceHandle(Channel(ours, timeout_s, "device"), proc=proc, cleanup=cleanup)
+        handle = DeviceHandle(Channel(ours, timeout_s, "device", spin_s), proc=proc,
+                              cleanup=cleanup)
         if cpus is not None:
             try:
                 os.sched_setaffinity(proc.pid, set(cpus))

@@ -121,15 +121,16 @@ def fresh_mixings(cfg: ModelConfig, kind: str) -> FreshMixings:
 
 
 def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, lcfg: LoroConfig, device: DeviceHandle,
-             weight_of: Callable[[str], torch.Tensor], verify: bool, fresh: bool = True
-             ) -> TeeModelOps:
+             weight_of: Callable[[str], torch.Tensor], verify: bool, fresh: bool = True,
+             pad_products: torch.dtype = torch.float32) -> TeeModelOps:
     """The online enclave over a running device; `fresh`: new head mixings per conversation
-    (otherwise the sealed ones, for every conversation)."""
+    (otherwise the sealed ones, for every conversation); `pad_products`: the dtype of the pads'
+    products g·W'ᵀ (veil/tee/pads.py)."""
     def stash(names: list[str], start: int, capacity: int, blobs: list[torch.Tensor]) -> None:
         # offline traffic: the pool counts it itself (PadCost.stored_bytes)
         device.channel.call_uncounted("stash", blobs, names=names, start=start, capacity=capacity)
 
-    pool = PadPool(input_groups(cfg), lcfg.pads, weight_of, stash)
+    pool = PadPool(input_groups(cfg), lcfg.pads, weight_of, stash, pad_products)
     biases = {k: v for k, v in secrets_.local.items() if k.endswith(".bias") and "norm" not in k}
     protocol = LoroProtocol(cfg, secrets_.bank, biases, pool, lcfg.pad_ratio)
     verifier = None
@@ -148,11 +149,12 @@ def run_loro(cfg: ModelConfig, secrets_: LoroSecrets, lcfg: LoroConfig, device: 
 
 def start_device(device_weights: dict[str, torch.Tensor] | Path | None, mode: str,
                  record: bool = False, threads: int | None = None, cpus: list[int] | None = None,
-                 ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
+                 spin_s: float = 0.0) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
     """Start the untrusted side on `device_weights` (tensors, or a safetensors file such as a
     protected artifact's): mode "thread" (in this process, the same wire protocol) or "process"
     (its own OS process reading the weights from that file, or from a private temp folder);
-    threads / cpus: the process's torch threads and cores; record: keep everything it receives.
+    threads / cpus / spin_s: the process's torch threads, cores and the channel's busy-poll
+    (veil/tee/placement.py); record: keep everything it receives.
     Returns the handle and the enclave's read access to the device's weights by base name."""
     if device_weights is None:
         raise IntegrityError("no device weights: the artifact has none for a split scheme")
@@ -162,7 +164,7 @@ def start_device(device_weights: dict[str, torch.Tensor] | Path | None, mode: st
         return DeviceHandle.in_thread(weights, record), lambda n: weights[f"{n}.weight"]
     if not isinstance(device_weights, dict):
         path = Path(device_weights)
-        return (DeviceHandle.in_process(path, record, threads=threads, cpus=cpus),
+        return (DeviceHandle.in_process(path, record, threads=threads, cpus=cpus, spin_s=spin_s),
                 SafetensorsReader(path).weight)
     cleanup = Path(tempfile.mkdtemp(prefix="veil-device-"))
     path = cleanup / "model.safetensors"
@@ -175,5 +177,5 @@ def start_device(device_weights: dict[str, torch.Tensor] | Path | None, mode: st
         if not written:     # the masked weights must not stay on disk
             shutil.rmtree(cleanup, ignore_errors=True)
     # from here the handle owns the folder (removed when it stops, even if starting fails)
-    return (DeviceHandle.in_process(path, record, cleanup=cleanup, threads=threads, cpus=cpus),
-            reader.weight)
+    return (DeviceHandle.in_process(path, record, cleanup=cleanup, threads=threads, cpus=cpus,
+                                    spin_s=spin_s), reader.weight)

@@ -113,7 +113,8 @@ class BaselineProtocol:
         p = self.obf[group].perm_in
         return (x[:, p] if p is not None else x), None
 
-    def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
+    def precompute(self, name: str, x: torch.Tensor, ctx: Any,
+                   fetched: torch.Tensor | None = None) -> Any:
         o = self.obf[name]
         if o.delta_idx is None:
             return None
@@ -140,8 +141,7 @@ class BaselineProtocol:
         for o in self.obf.values():
             o.wipe()
 
-    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any = None,
-               fetched: torch.Tensor | None = None) -> torch.Tensor:
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any = None) -> torch.Tensor:
         o = self.obf[name]
         y = y_dev - pre if pre is not None else y_dev
         y = y / (o.scale if not isinstance(o.scale, torch.Tensor) else o.scale)

@@ -73,11 +73,11 @@ class PublicProtocol:
     def request_args(self, ctx: Any) -> dict:
         return {}
 
-    def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
+    def precompute(self, name: str, x: torch.Tensor, ctx: Any,
+                   fetched: torch.Tensor | None = None) -> Any:
         return None
 
-    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any = None,
-               fetched: torch.Tensor | None = None) -> torch.Tensor:
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any = None) -> torch.Tensor:
         return y_dev
 
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from veil.model.config import ModelConfig
 from veil.model.weights import Weights
 from veil.tee.mixing import HeadMixing, seal_mixings, unseal_mixings
 from veil.tee.pads import PadCost, PadPool
+from veil.tee.placement import available_cpus, enclave_threads
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,9 @@ class LoroProtocol:
 
     def prepare(self, rows: int) -> None:
         if self.pool.mode == "fresh":
-            self.pool.refill(rows)
+            # offline work, before the device has anything to do: every core of this process
+            with enclave_threads(len(available_cpus())):
+                self.pool.refill(rows)
 
     def pad_cost(self) -> PadCost:
         return self.pool.cost
@@ -298,30 +301,49 @@ class LoroProtocol:
         self.pool.wipe()
 
     def conceal(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        # the critical path (the device waits for it): as few ops as the pad takes
         g, ticket = self.pool.take(self.group_of[group], x.shape[0])
         # pad scale: pad_ratio × the row's RMS, rounded up to a power of two (frexp: v = m·2^e
         # with m in [0.5, 1), so 2^e ≥ v > 2^(e−1))
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)              # (N, 1)
-        v = norm * (self.pad_ratio / x.shape[1] ** 0.5) + 1e-30
-        if x.shape[0] == 1:       # decode: one row — Python's frexp is ~10× cheaper than torch's
-            scale = torch.full_like(norm, math.ldexp(1.0, math.frexp(float(v))[1]))
+        if x.shape[0] == 1:       # decode: one row — Python floats, ~10× cheaper than tensors
+            v = float(torch.linalg.vector_norm(x)) * (self.pad_ratio / x.shape[1] ** 0.5) + 1e-30
+            scale: float | torch.Tensor = math.ldexp(1.0, math.frexp(v)[1])
+            x_dev = torch.add(x, g, alpha=scale)
         else:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)          # (N, 1)
+            v = norm * (self.pad_ratio / x.shape[1] ** 0.5) + 1e-30
             scale = torch.ldexp(torch.ones_like(norm), torch.frexp(v)[1])
-        xb = None
-        if self.b_flat and x.shape[0] <= len(self.bank.bank_b[x.shape[1]]):
-            # few rows (decode): mix the rows through the whole bank once per group
-            bank_b = self.b_flat[x.shape[1]]
-            xb = (x @ bank_b).view(x.shape[0], -1, self.bank.rank)           # (N, m_b, r)
-            self.enclave_flops += 2 * x.shape[0] * bank_b.numel()
-        return torch.addcmul(x, scale, g), (scale.double(), ticket, x, xb)
+            x_dev = torch.addcmul(x, scale, g)
+            scale = scale.double()
+        return x_dev, _Pending(scale, ticket, x)
 
     def request_args(self, ctx: Any) -> dict:
-        """Extra arguments of the linear request: fetch the sealed pad products with ỹ."""
-        return self.pool.fetch_args(ctx[1])
+        """Extra arguments of the linear request: the sealed pad products, sent ahead of ỹ."""
+        return self.pool.fetch_args(ctx.ticket)
 
-    def precompute(self, name: str, x: torch.Tensor, ctx: Any) -> Any:
-        """What the enclave can subtract before the device answers: γ(xB)A − b (float64)."""
-        scale, ticket, x, xb = ctx
+    def precompute(self, name: str, x: torch.Tensor, ctx: Any, fetched: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """Everything the enclave subtracts from ỹ, made while the device multiplies:
+        γ(xB)A − b + s·(g·W'ᵀ), float64 (the pad products opened from `fetched`)."""
+        pad = self.pool.products(name, ctx.ticket, fetched)                   # g·W'ᵀ
+        corr = self._correction(name, ctx)
+        if isinstance(ctx.scale, float):
+            return corr.add_(pad, alpha=ctx.scale)
+        return corr.add_(pad.double() * ctx.scale)
+
+    def _xb(self, ctx: "_Pending") -> torch.Tensor | None:
+        """Few rows (decode): the rows mixed through the whole bank, once per group (N, m_b, r);
+        None when expanding each matrix's factors is cheaper (prefill)."""
+        x = ctx.x
+        if ctx.xb is None and self.b_flat and x.shape[0] <= len(self.bank.bank_b[x.shape[1]]):
+            bank_b = self.b_flat[x.shape[1]]
+            ctx.xb = (x @ bank_b).view(x.shape[0], -1, self.bank.rank)
+            self._count(2 * x.shape[0] * bank_b.numel())
+        return ctx.xb
+
+    def _correction(self, name: str, ctx: "_Pending") -> torch.Tensor:
+        """γ(xB)A − b, float64."""
+        x = ctx.x
         N, r = x.shape[0], self.bank.rank
         bias = self.bias64.get(name)
         base = -bias if bias is not None else torch.zeros((), dtype=torch.float64)
@@ -331,6 +353,7 @@ class LoroProtocol:
             return torch.add(base, (x @ B) @ A, alpha=gamma)
         alpha, beta, gamma = self.bank.coef[name]
         out_dim = int(beta[0])
+        xb = self._xb(ctx)
         if xb is None:
             # many rows (prefill): expanding this matrix's B and A costs m·r·(in+out) once, less
             # than mixing every row through the bank (N·m·r·(in+out))
@@ -349,16 +372,24 @@ class LoroProtocol:
         self.enclave_flops += flops
         self.overlap_flops += flops
 
-    def reveal(self, name: str, y_dev: torch.Tensor, pre: Any, ctx: Any,
-               fetched: torch.Tensor | None) -> torch.Tensor:
-        scale, ticket = ctx[0], ctx[1]
-        pad = self.pool.products(name, ticket, fetched)                       # g·W'ᵀ, float64
-        # float64 cancellation ỹ − (γ(xB)A − b) − s·(g·W'ᵀ)
-        return torch.sub(y_dev, pre).sub_(pad.mul(scale)).float()
+    def reveal(self, name: str, y_dev: torch.Tensor, pre: torch.Tensor, ctx: Any) -> torch.Tensor:
+        # the one step after the device answers: ỹ − (γ(xB)A − b + s·g·W'ᵀ), in float64
+        return torch.sub(y_dev, pre).float()
 
     def table_rows(self, name: str, ids: torch.Tensor, rows_dev: torch.Tensor) -> torch.Tensor:
         B, A, gamma = self.bank.factors(name)
         return (rows_dev.double() - gamma * (A[:, ids].t() @ B.t()).double()).float()  # (N, d)
+
+
+@dataclass
+class _Pending:
+    """One linear request's private context: the pad scale (a float for one row), the pad
+    ticket, the true input, and x·bank_b once a member of the group has made it."""
+
+    scale: float | torch.Tensor
+    ticket: tuple[int, int]
+    x: torch.Tensor
+    xb: torch.Tensor | None = None
 
 
 @dataclass
