@@ -54,9 +54,15 @@ def test_plain_vs_hf_smoke(tmp_path):
 @pytest.mark.slow
 def test_tee_smoke(tmp_path):
     paths = run_suite("tee", model="tiny-llama", repeats=1, new_tokens=4, out_dir=tmp_path)
-    rows = {r["scheme"]: r for r in json.loads(paths[0].read_text())["rows"]}
-    assert set(rows) == {"plain", "shielded", "loro", "loro-paper", "tlg", "soter", "nnsplitter", "shadownet",
-                         "kvshield", "kvshield-paper"}
+    every = json.loads(paths[0].read_text())["rows"]
+    rows = {r["scheme"]: r for r in every if r["suite"] == "tee"}
+    assert set(rows) == {"plain", "shielded", "loro", "loro-paper", "loro-f64", "loro-block", "tlg",
+                         "soter", "nnsplitter", "shadownet", "kvshield", "kvshield-paper"}
+    # the user's path: nothing pinned, veil's placement; every row gives plain's tokens
+    defaults = {r["scheme"]: r for r in every if r["suite"] == "tee-defaults"}
+    assert set(defaults) == {"plain", "loro · device process", "loro · device thread"}
+    assert all(r["same_tokens_as_plain"] and r["median"] > 0 for r in defaults.values())
+    assert "enclave 1 thread" in defaults["loro · device process"]["placement"]
     assert all(r["same_tokens_as_plain"] and r["median"] > 0 for r in rows.values())
     assert rows["plain"]["enclave_flop_share"] == 0 and rows["shielded"]["enclave_flop_share"] == 1
     loro = rows["loro"]
@@ -70,7 +76,7 @@ def test_tee_smoke(tmp_path):
     # the whole model in the TEE is the slowest projection of a prefill
     assert max(rows.values(), key=lambda r: r["projected_prefill_vs_accel"])["scheme"] == "shielded"
     text = paths[1].read_text()
-    assert "Projected onto" in text and "| loro |" in text
+    assert "Projected onto" in text and "| loro |" in text and "Default settings" in text
 
 
 def test_tee_suite_refuses_a_bad_hardware_profile(tmp_path):

@@ -99,3 +99,17 @@ def test_replayed_store_from_an_earlier_generation_is_refused():
     state._op_stash = replay
     with pytest.raises(veil.IntegrityError, match="failed authentication"):
         loro.generate([1, 2, 3], max_new_tokens=4)
+
+
+def test_pad_products_dtype_halves_the_bytes_and_stays_exact_enough():
+    with veil.load("tiny-llama") as plain:
+        ref = plain.logits([[1, 2, 3, 4]])
+    moved = {}
+    for dt in ("float32", "float64"):
+        with veil.load("tiny-llama", scheme="loro", pad_products=dt) as m:
+            assert (m.logits([[1, 2, 3, 4]]) - ref).abs().max() < 1e-4
+            moved[dt] = m.generate([1, 2, 3], max_new_tokens=4).cost.split.pad_bytes_used
+    # sealed rows: 16-byte tag + out floats each
+    assert 1.8 < moved["float64"] / moved["float32"] < 2.0
+    with pytest.raises(veil.ConfigError, match="pad_products"):
+        veil.load("tiny-llama", scheme="loro", pad_products="float16")

@@ -125,7 +125,8 @@ def run_suite(suite: str, model: str = "default", repeats: int = 3, new_tokens: 
         hw_path = Path(hardware) if hardware is not None else DEFAULT_HARDWARE
         load_hardware(hw_path)             # a bad profile fails before the long run
         measured = _worker("tee", model, repeats, new_tokens, module="veil.bench.tee")
-        rows, markdown = rows_and_table(measured, model, str(hw_path))
+        defaults = _worker("tee-defaults", model, repeats, new_tokens, module="veil.bench.tee")
+        rows, markdown = rows_and_table(measured, model, str(hw_path), defaults)
         meta["hardware"] = str(hw_path.name)
         meta["threads"] = 1
     else:

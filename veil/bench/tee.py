@@ -35,8 +35,16 @@ LONG_PROMPT = 256
 # code's settings (one pad per layer, reused; attention under permutations only) — weaker, kept
 # to show what veil's hardening costs. "kvshield-paper": KV-Shield as published (a permutation
 # folded into the device's W_q/W_k/W_v; veil's default pads and rotates in the enclave instead).
+# "loro-f64": pad products in float64 (half the error, twice the pad bytes); "loro-block": both
+# sides block on every read instead of spinning first (what the wait policy buys).
 EXTRA_ROWS = (("loro-paper", "loro", {"pads": "fixed", "attention_mixing": "permute"}),
+              ("loro-f64", "loro", {"pad_products": "float64"}),
+              ("loro-block", "loro", {"wait": "block"}),
               ("kvshield-paper", "kvshield", {"mixing": "permute", "fold": True}))
+# The user's path, nothing tuned: `veil.load(model)` and `veil.load(model, scheme="loro",
+# device=...)` with the threads, cores and waits veil picks (veil/tee/placement.py).
+DEFAULT_ROWS = (("plain", "plain", {}), ("loro · device process", "loro", {"device": "process"}),
+                ("loro · device thread", "loro", {"device": "thread"}))
 
 
 def contenders() -> list[tuple[str, str, dict[str, Any]]]:
@@ -138,8 +146,10 @@ def worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]
     return out
 
 
-def rows_and_table(w: dict[str, Any], model: str, hardware_path: str) -> tuple[list[dict[str, Any]], str]:
-    """Harness rows (one per scheme) and the markdown for the suite's results file."""
+def rows_and_table(w: dict[str, Any], model: str, hardware_path: str,
+                   defaults: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Harness rows (one per scheme, then one per default-settings row) and the markdown for the
+    suite's results file."""
     hw = load_hardware(hardware_path)
     base_tps = statistics.median(w["schemes"]["plain"]["decode_tokens_per_s"])
     proj_ref = {ph: project(SplitCounts(**w["schemes"]["plain"][ph]), hw)["total_s"]
@@ -174,18 +184,48 @@ def rows_and_table(w: dict[str, Any], model: str, hardware_path: str) -> tuple[l
             "projection": {"decode": pd, "prefill": pp}, "counts": {"decode": r["decode"], "prefill": r["prefill"]},
             "last_cost": r["last_cost"],
         })
-    return rows, _markdown(rows, w, hw)
+    default_rows = _default_rows(defaults, model) if defaults is not None else []
+    return rows + default_rows, _markdown(rows, w, hw, default_rows, defaults)
 
 
-def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any) -> str:
+def _default_rows(d: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    base = statistics.median(d["schemes"]["plain"]["decode_tokens_per_s"])
+    rows = []
+    for label, r in d["schemes"].items():
+        tps = r["decode_tokens_per_s"]
+        rows.append({"suite": "tee-defaults", "scheme": label, "model": model,
+                     "repeats": len(tps), "median": statistics.median(tps), "min": min(tps),
+                     "max": max(tps), "unit": "decode tokens/s",
+                     "latency_vs_plain": base / statistics.median(tps),
+                     "prefill_s": statistics.median(r["prefill_s"]),
+                     "same_tokens_as_plain": r["same_tokens_as_plain"], "placement": r["placement"]})
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any,
+              default_rows: list[dict[str, Any]] | None = None,
+              defaults: dict[str, Any] | None = None) -> str:
     cores = ("enclave and device each pinned to its own core, one torch thread each; plain and "
              "shielded on the enclave's core" if w["separate_cores"] else
              "ONE core only: enclave and device shared it")
     r0 = rows[0]
     out = ["# tee", "",
            f"{r0['model']} · prompt {r0['prompt_tokens']} tokens, {r0['new_tokens']} new, greedy, batch 1, "
-           f"fp32 · {cores} · median of {r0['repeats']} repeats, all schemes alternated in one process.", "",
-           "## Measured on this machine", "",
+           f"fp32 · median of {r0['repeats']} repeats, alternated in one process.", ""]
+    if default_rows:
+        assert defaults is not None
+        out += ["## Default settings (what `veil.load` and `veil generate` give)", "",
+                f"Nothing pinned or tuned by the benchmark: {defaults['cores']} cores, torch's "
+                f"{defaults['threads']} threads for plain; the TEE rows with the placement veil "
+                "chose (veil/tee/placement.py).", "",
+                "| scheme | decode tok/s | min | max | latency vs plain | prefill s | same tokens | placement |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in default_rows:
+            out.append(f"| {r['scheme']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | "
+                       f"{r['latency_vs_plain']:.2f}× | {r['prefill_s']:.3f} | "
+                       f"{r['same_tokens_as_plain']} | {r['placement'] or '—'} |")
+        out.append("")
+    out += [f"## One core each ({cores})", "",
            "| scheme | decode tok/s | min | max | latency vs plain | prefill s | device busy | enclave waits "
            "| max abs logit err | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -216,9 +256,35 @@ def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any) -> str:
     return "\n".join(out) + "\n"
 
 
+def defaults_worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]:
+    """DEFAULT_ROWS as a user gets them: no pinning, no thread settings; alternated repeats."""
+    models = {label: veil.load(model_name, scheme=s, **opts) for label, s, opts in DEFAULT_ROWS}
+    plain = models["plain"]
+    ids = plain.encode(prompt) if plain.tokenizer is not None else [1, 2, 3, 4, 5, 6]
+    ref = plain.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0)),
+                           "schemes": {}}
+    for label, m in models.items():
+        m.generate(ids, max_new_tokens=4, ignore_eos=True)
+        placement = getattr(m.session, "placement", None)
+        out["schemes"][label] = {
+            "same_tokens_as_plain": m.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids == ref,
+            "placement": placement.describe() if placement is not None else "",
+            "decode_tokens_per_s": [], "prefill_s": []}
+    for _ in range(repeats):
+        for label, m in models.items():
+            c = m.generate(ids, max_new_tokens=n, ignore_eos=True).cost
+            out["schemes"][label]["decode_tokens_per_s"].append(c.decode_tokens_per_s)
+            out["schemes"][label]["prefill_s"].append(c.prefill_s)
+    for m in models.values():
+        m.close()
+    return out
+
+
 def main() -> None:
     spec = WorkerSpec.from_argv(sys.argv[1:])
-    print(json.dumps(worker(spec.model, spec.repeats, spec.new_tokens, spec.prompt)))
+    run = defaults_worker if spec.mode == "tee-defaults" else worker
+    print(json.dumps(run(spec.model, spec.repeats, spec.new_tokens, spec.prompt)))
 
 
 if __name__ == "__main__":
