@@ -83,7 +83,9 @@ def test_the_device_view_gives_kvshield_away():
     ids = _ids("tiny-llama", 30, 4)
     assert _rates("tiny-llama", "kvshield", ids, DEVICE)["inputs"] >= 0.99
     assert _rates("tiny-llama", "tlg", ids, DEVICE)["inputs-sorted"] >= 0.99
-    loro = _rates("tiny-llama", "loro", ids, DEVICE)
+    # padded inputs: a few hits by chance in d = 64 (measured over 30 draws of 33 tokens: mean
+    # 3.5%, one draw in ~50 above 0.2), so the rate is taken over more tokens
+    loro = _rates("tiny-llama", "loro", _ids("tiny-llama", 30, 12), DEVICE)
     assert max(loro["inputs"], loro["inputs-sorted"]) < 0.2
 
 

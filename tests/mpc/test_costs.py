@@ -35,7 +35,8 @@ def test_party_spec_round_trips(tmp_path):
     ("rank", 2), ("rank", "1"), ("rank", True), ("contender", "gpt5"), ("contender", 3),
     ("msl", "64"), ("msl", 6), ("parties", ["127.0.0.1:1"]), ("parties", ["a:1", "nope"]),
     ("parties", "a:1,b:2"), ("decode_steps", 0), ("out", ""), ("log", None), ("base", "gpt9"),
-    ("weight_cache", "yes"), ("mode", "lazy"),
+    ("weight_cache", "yes"), ("mode", "lazy"), ("profile", "yes"), ("trunc_msb", 1),
+    ("norm_range", "huge"), ("contender", "vanilla-paper+logits"),
 ])
 def test_a_malformed_party_spec_names_its_field(field, value, tmp_path):
     path = tmp_path / "spec.json"
@@ -66,6 +67,32 @@ def test_a_party_given_a_bad_spec_says_which_field(tmp_path):
     run = subprocess.run([sys.executable, "-m", "veil.bench.mpc", "party", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "ConfigError" in run.stderr and "msl:" in run.stderr, run.stderr
+
+
+@pytest.mark.mpc
+def test_fused_rows_time_without_profiling_over_a_relay(tmp_path):
+    """A row of mpc_fused: timed runs with SPU's profiling off (no bytes from the profile), the
+    bytes and rounds of a profiled loopback run; a relay's delay makes the same work slower, and
+    vanilla-paper is timed beside vanilla."""
+    from veil.bench.mpc import run
+    from veil.mpc.netem import LinkProfile
+
+    quiet = measure("merge", MSL, 2, timeout_s=300, base="tiny-gpt2", fused=True, profile=False)
+    assert quiet[0]["phases"]["decode1"]["send_actions"] == 0      # only what the profile counts
+    loud = compose_fused(measure("merge", MSL, 2, timeout_s=300, base="tiny-gpt2", fused=True),
+                         MSL)
+    assert loud["total_rounds"] > 0 and loud["busier_bytes"] <= loud["total_bytes"]
+    slow = compose_fused(measure("merge", MSL, 2, timeout_s=300, base="tiny-gpt2", fused=True,
+                                 profile=False, link=LinkProfile("t", 0.003, 0)), MSL)
+    assert slow["total_s"] > compose_fused(quiet, MSL)["total_s"]
+    paths = run((MSL,), ("vanilla", "vanilla-paper"), 2, tmp_path, "tiny-gpt2", fused=True,
+                repeats=2)
+    rows = json.loads(paths[0].read_text())["rows"]
+    assert [(r["contender"], r["repeats"], r["norm_range"]) for r in rows] == [
+        ("vanilla", 2, "plain (×2^4)"), ("vanilla-paper", 2, "plain (×2^4)")]
+    assert rows[1]["total_rounds"] > rows[0]["total_rounds"]       # the vocabulary softmax
+    assert all(r["min"] <= r["total_s"] <= r["max"] for r in rows)
+    assert "projected WAN s" in paths[1].read_text()
 
 
 @pytest.fixture(scope="module")

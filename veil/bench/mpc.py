@@ -38,26 +38,38 @@ from typing import Any, Callable
 from veil.errors import ConfigError, ProtocolAbort, VeilError
 from veil.model import zoo
 from veil.model.config import PRESETS, ModelConfig
-from veil.mpc.config import MpcConfig
+from veil.mpc.config import NORM_RANGES, MpcConfig
 from veil.mpc.cluster import (Cluster, PartyProcess, free_ports, read_json, run_local,
                               wait_parties)
+from veil.mpc.netem import PROFILES, LinkProfile, Relay
 from veil.variants.merge import merge, student_weights, variant_config
 
 VARIANTS = ("vanilla", "only-er", "only-mm", "merge")
 # "+logits": the same contender with MpcConfig(reveal="logits") — the client receives the logits
-# and takes the argmax itself (MERGE's own ending; for vanilla, the client inputs its pick)
-FUSED_CONTENDERS = ("vanilla", "only-er", "only-mm", "merge", "vanilla+logits", "merge+logits")
+# and takes the argmax itself (MERGE's own ending; for vanilla, the client inputs its pick).
+# "vanilla-paper": vanilla as MERGE's paper timed it — softmax over the whole vocabulary under MPC
+# before the argmax, every step (MpcConfig.head_softmax); same tokens as vanilla.
+FUSED_CONTENDERS = ("vanilla", "vanilla-paper", "only-er", "only-mm", "merge", "vanilla+logits",
+                    "merge+logits")
 MSLS = (64, 128, 256, 512)
 PREFIX = 4
 
 
 def split_contender(name: str) -> tuple[str, str]:
-    """"merge+logits" → ("merge", "logits"); "merge" → ("merge", "tokens")."""
+    """"merge+logits" → ("merge", "logits"); "merge" → ("merge", "tokens"); "vanilla-paper" →
+    ("vanilla-paper", "tokens") (`variant_of` gives its model variant)."""
     variant, _, reveal = name.partition("+")
-    if variant not in VARIANTS or reveal not in ("", "logits"):
+    if (variant not in (*VARIANTS, "vanilla-paper") or reveal not in ("", "logits")
+            or (variant == "vanilla-paper" and reveal)):
         raise ConfigError(f"unknown contender {name!r} (known: {', '.join(VARIANTS)}, each "
-                          "optionally with +logits)")
+                          "optionally with +logits, and vanilla-paper)")
     return variant, reveal or "tokens"
+
+
+def variant_of(contender: str) -> str:
+    """The model variant a contender runs ("vanilla-paper" runs vanilla's model)."""
+    variant = split_contender(contender)[0]
+    return "vanilla" if variant == "vanilla-paper" else variant
 
 
 GPT2_BASE = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
@@ -70,6 +82,14 @@ GPT2_BASE = ModelConfig(family="gpt2", vocab_size=50257, d_model=768, n_layers=1
 def model_for(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 0):
     """(config, owner's MPC params) of a contender: random weights, converted like a student.
     `base_name`: gpt2-base (the benchmark's shapes) or a tiny preset (the suite's test)."""
+    cfg, params, _ = build(variant, msl, base_name, seed)
+    return cfg, params
+
+
+def build(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 0):
+    """`model_for`'s (config, params) and the norm form and shift the model's calibration asks
+    for (veil/mpc/calibration.py: plain for GPT-2 shapes, whose norm inputs stay small)."""
+    from veil.mpc.calibration import needs_norm_form
     from veil.mpc.program import params_of      # jax: only the party processes load it
 
     if variant not in VARIANTS:
@@ -83,7 +103,7 @@ def model_for(variant: str, msl: int, base_name: str = "gpt2-base", seed: int = 
         cfg = scfg
         if cfg.attention == "constant" and cfg.norm == "affine":
             cfg, w = merge(cfg, w)
-    return cfg, params_of(cfg, w)
+    return cfg, params_of(cfg, w), needs_norm_form(cfg, w)
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,9 @@ class PartySpec:
     base: str                   # "gpt2-base" (the benchmark's shapes) or a tiny preset
     weight_cache: bool          # SPU's Beaver cache for the weights (MpcConfig.weight_cache)
     mode: str                   # "eager" (one program per Ops call) or "fused" (generation's)
+    profile: bool = True        # SPU's profile on (bytes, rounds); off for the timed runs
+    trunc_msb: bool = False     # SPU's trunc_allow_msb_error (MpcConfig.trunc_msb)
+    norm_range: str = "auto"    # MpcConfig.norm_range; "auto": the model's calibration
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -142,8 +165,11 @@ class PartySpec:
         if not isinstance(self.base, str) or (self.base != "gpt2-base" and self.base not in PRESETS):
             raise bad("base", f"must be 'gpt2-base' or a preset ({', '.join(PRESETS)}), "
                               f"got {self.base!r}")
-        if not isinstance(self.weight_cache, bool):
-            raise bad("weight_cache", f"must be true or false, got {self.weight_cache!r}")
+        for name in ("weight_cache", "profile", "trunc_msb"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.norm_range not in NORM_RANGES:
+            raise bad("norm_range", f"must be one of {list(NORM_RANGES)}, got {self.norm_range!r}")
 
     def cluster(self) -> Cluster:
         return Cluster.from_dict({"protocol": "semi2k", "timeout_s": 600,
@@ -184,9 +210,13 @@ def _party_main(spec: PartySpec) -> None:
     lo.system_log_path = spec.log
     libspu.logging.setup_logging(lo)
     variant, reveal = split_contender(spec.contender)
-    mc = MpcConfig(profile=True, weight_cache=spec.weight_cache, reveal=reveal)
     t0 = time.perf_counter()
-    cfg, params = model_for(variant, spec.msl, spec.base)
+    cfg, params, norm_form = build(variant_of(spec.contender), spec.msl, spec.base)
+    # both parties build the same public test weights, so both calibrate alike
+    form, shift = norm_form if spec.norm_range == "auto" else (spec.norm_range, 0)
+    mc = MpcConfig(profile=spec.profile, weight_cache=spec.weight_cache, reveal=reveal,
+                   head_softmax=variant == "vanilla-paper", trunc_msb=spec.trunc_msb,
+                   norm_range=form, norm_shift=shift)
     shapes = {k: tuple(v.shape) for k, v in params.items()}
     if spec.rank != 0:
         params = None
@@ -196,8 +226,9 @@ def _party_main(spec: PartySpec) -> None:
     how = measure_fused_party if spec.mode == "fused" else measure_party
     with scratch_dir():
         res = how(spec.rank, lctx, cfg, mc, shapes, params, prompt if spec.rank == 1 else None,
-                  PREFIX, spec.msl, spec.decode_steps, Path(spec.log))
+                  PREFIX, spec.msl, spec.decode_steps, Path(spec.log) if spec.profile else None)
     res["build_s"] = build_s
+    res["norm_range"] = f"{mc.norm_range} (×2^{mc.norm_shift})" if mc.norm_shift else mc.norm_range
     # let the link deliver this party's last messages before the process goes: exiting at once
     # can drop an async send the peer's final step still waits for
     lctx.stop_link()
@@ -206,21 +237,35 @@ def _party_main(spec: PartySpec) -> None:
 
 def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 3000.0,
             base: str = "gpt2-base", weight_cache: bool = True, fused: bool = False,
-            pick_ports: Callable[[int], list[int]] = free_ports) -> list[dict[str, Any]]:
+            pick_ports: Callable[[int], list[int]] = free_ports, profile: bool = True,
+            trunc_msb: bool = False, norm_range: str = "auto",
+            link: LinkProfile | None = None) -> list[dict[str, Any]]:
     """Both parties' results for one contender (two processes over TCP on loopback): per-Ops
     programs and costs by category, or with `fused` the step programs generation runs.
-    `pick_ports` chooses the ports (cluster.run_local). A failed run keeps its folder: the
-    error names the parties' logs in it."""
+    `profile`: SPU's profile on (bytes and rounds; off, only wall times are meaningful);
+    `link`: the parties reach each other through a relay with that delay and rate
+    (veil/mpc/netem.py). `pick_ports` chooses the ports (cluster.run_local). A failed run keeps
+    its folder: the error names the parties' logs in it."""
     folder = Path(tempfile.mkdtemp(prefix="veil-bench-mpc-"))
+    relays: list[Relay] = []
 
     def spec(rank: int, addresses: tuple[str, ...]) -> PartySpec:
         return PartySpec(rank=rank, contender=variant, msl=msl, parties=addresses,
                          decode_steps=decode_steps, out=str(folder / f"party{rank}.json"),
                          log=str(folder / f"party{rank}.spu.log"), base=base,
-                         weight_cache=weight_cache, mode="fused" if fused else "eager")
+                         weight_cache=weight_cache, mode="fused" if fused else "eager",
+                         profile=profile, trunc_msb=trunc_msb, norm_range=norm_range)
+
+    def view(rank: int, addresses: tuple[str, ...]) -> tuple[str, ...]:
+        """The addresses party `rank` uses: its own to listen on, the relay's for its peer."""
+        if link is None:
+            return addresses
+        return tuple(a if r == rank else relays[-1].addresses[r] for r, a in enumerate(addresses))
 
     def commands(addresses: tuple[str, ...]) -> list[list[str]]:
-        specs = [spec(rank, addresses) for rank in (0, 1)]      # both valid before either starts
+        if link is not None:
+            relays.append(Relay(link, list(addresses)))
+        specs = [spec(rank, view(rank, addresses)) for rank in (0, 1)]   # both valid first
         for s in specs:
             s.write(folder / f"party{s.rank}.spec.json")
         return [[sys.executable, "-m", "veil.bench.mpc", "party",
@@ -240,6 +285,8 @@ def measure(variant: str, msl: int, decode_steps: int = 3, timeout_s: float = 30
         keep = True                    # with the parties' logs the error names
         raise ProtocolAbort(f"bench mpc: {variant} at MSL {msl} failed: {exc}") from None
     finally:
+        for r in relays:
+            r.close()
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -309,35 +356,47 @@ def _logits_to_client(r: dict[str, Any]) -> list[dict[str, Any]]:
              "total_rounds": r["total_rounds"] - drop["send_actions"] + 1}]
 
 
-def compose_fused(parties: list[dict[str, Any]], msl: int) -> dict[str, Any]:
+def compose_fused(parties: list[dict[str, Any]], msl: int, sample: int | None = None
+                  ) -> dict[str, Any]:
     """A whole generation from the fused programs' phases: prompt step + first decode step +
     (MSL − 6) × median later decode step (+ the head over MSL − 4 rows, composed from its two
-    runs on `head_rows` rows). Time is the client's clock; bytes both parties' sends; rounds the
-    larger send-action count."""
+    runs on `head_rows` rows). Time is the client's clock; bytes both parties' sends (and the
+    busier party's alone, for a link's rate); rounds the larger send-action count. `sample`: use
+    only the first `sample` decode steps (to check the composition against a run that measured
+    every step: then `full_s` is that run's own sum)."""
     n_gen = msl - PREFIX
     decodes = [k for k in parties[0]["phases"] if k.startswith("decode")]
+    every = decodes
+    if sample is not None:
+        decodes = decodes[:sample]
     first, later = (decodes[0], decodes[1:]) if len(decodes) > 1 else (decodes[0], decodes)
+
+    def head(p: dict, key: str) -> float:
+        ph = p["phases"]
+        if "head_first" not in ph:
+            return 0.0
+        return ph["head_first"][key] + (n_gen / p["head_rows"] - 1) * ph["head_again"][key]
 
     def total(p: dict, key: str) -> float:
         ph = p["phases"]
-        steps = (ph["prompt"][key] + ph[first][key]
-                 + (n_gen - 2) * statistics.median(ph[d][key] for d in later))
-        if "head_first" in ph:
-            steps += ph["head_first"][key] + (n_gen / p["head_rows"] - 1) * ph["head_again"][key]
-        return steps
+        return (ph["prompt"][key] + ph[first][key]
+                + (n_gen - 2) * statistics.median(ph[d][key] for d in later) + head(p, key))
 
     client = parties[1]["phases"]
-    head_s = (client["head_first"]["wall_s"]
-              + (n_gen / parties[1]["head_rows"] - 1) * client["head_again"]["wall_s"]
-              if "head_first" in client else 0.0)
-    return {"total_s": total(parties[1], "wall_s"),
-            "total_bytes": sum(total(p, "send_bytes") for p in parties),
-            "total_rounds": max(total(p, "send_actions") for p in parties),
-            "measured": {"prompt_step_s": client["prompt"]["wall_s"],
-                         "first_decode_step_s": client[first]["wall_s"],
-                         "decode_step_s": statistics.median(client[d]["wall_s"] for d in later),
-                         "head_s": head_s, "compile_s": parties[1]["compile_s"],
-                         "share_weights_s": parties[1]["share_weights_s"]}}
+    out = {"total_s": total(parties[1], "wall_s"),
+           "total_bytes": sum(total(p, "send_bytes") for p in parties),
+           "busier_bytes": max(total(p, "send_bytes") for p in parties),
+           "total_rounds": max(total(p, "send_actions") for p in parties),
+           "measured": {"prompt_step_s": client["prompt"]["wall_s"],
+                        "first_decode_step_s": client[first]["wall_s"],
+                        "decode_step_s": statistics.median(client[d]["wall_s"] for d in later),
+                        "head_s": head(parties[1], "wall_s"), "compile_s": parties[1]["compile_s"],
+                        "share_weights_s": parties[1]["share_weights_s"]},
+           "norm_range": parties[1].get("norm_range")}
+    if len(every) == n_gen - 1:          # every step of the generation was run
+        out["full_s"] = (client["prompt"]["wall_s"] + sum(client[d]["wall_s"] for d in every)
+                         + head(parties[1], "wall_s"))
+    return out
 
 
 _UNITS = ("Seconds are the client's clock; GB are both parties' sends; rounds = send actions of "
@@ -382,29 +441,107 @@ def _render(rows: list[dict[str, Any]], meta: dict[str, Any], title: str, intro:
     return "\n".join(lines)
 
 
-def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    intro = ["The programs `veil generate --scheme mpc|merge` runs (one SPU program per step). "
-             "Composed per generation (prefix 4, greedy, batch 1): prompt step + first decode step "
-             "+ (MSL − 6) × median later decode step (+ MERGE's LM head over MSL − 4 rows: its "
-             "64-row program's first run + (rows / 64 − 1) × its second). " + _UNITS,
-             "Contenders with `+logits` reveal the logits to the client, who takes the argmax "
-             "itself (`reveal=\"logits\"`): MERGE's own ending (the authors' code returns the "
-             "head's logits); for vanilla the client then inputs its pick as a fresh secret "
-             "one-hot. The client learns the logit vectors at its positions, not only the tokens. "
-             "Speed-up and communication are against `vanilla` (tokens only, argmax under MPC "
-             "every step: the paper's baseline); the last column against `vanilla+logits`, "
-             "where measured."]
-    base_l = {r["msl"]: r for r in rows if r["contender"] == "vanilla+logits"}
+LEVERS = ("", "trunc-msb", "reduced-norm")
+NETWORKS = ("loopback", "lan", "wan")
 
-    def cells(r: dict[str, Any]) -> tuple[list[str], list[str]]:
-        m, vl = r["measured"], base_l.get(r["msl"])
-        return ([f"{m['prompt_step_s']:.2f}", f"{m['first_decode_step_s']:.2f}",
-                 f"{m['decode_step_s']:.2f}", f"{m['head_s']:.1f}"],
-                [f"{vl['total_s'] / r['total_s']:.2f}×" if vl else "–"])
-    return _render(rows, meta, "MPC, fused step programs: vanilla vs MERGE", intro,
-                   (["prompt step s", "first decode step s", "later decode step s", "head s"],
-                    ["vs vanilla+logits"]),
-                   cells, " Per-category costs: mpc.md (eager).")
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["msl"], r["contender"], r.get("network", "loopback"), r.get("lever", ""))
+
+
+def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """mpc_fused.md: per network, every contender's generation time (median and range over the
+    timed runs), speed-ups against vanilla and vanilla-paper, traffic, the steps it was composed
+    from, projections onto the other networks; then SPU's levers and the composition check."""
+    cache = ("weights' masks opened once (Beaver cache)" if meta.get("weight_cache")
+             else "every product re-opens its weight's mask (no Beaver cache)")
+    lines = [f"# MPC, fused step programs: vanilla vs MERGE on {meta['base']} ({meta['when']}, "
+             f"{meta['machine']}, SEMI2K FM64/18, 2 parties as processes; {cache})", "",
+             "The programs `veil generate --scheme mpc|merge` runs (one SPU program per step). "
+             "Each generation (prefix 4, greedy, batch 1) is composed: prompt step + first decode "
+             "step + (MSL − 6) × median later decode step (+ MERGE's LM head over MSL − 4 rows: "
+             "its 64-row program's first run + (rows / 64 − 1) × its second); the check at the end "
+             "compares that with a run that measured every step.", "",
+             "Timed with SPU's profiling **off**; each row's time is the median (and min–max) of "
+             "its timed runs, each two fresh party processes. Bytes and rounds come from a "
+             "separate profiled run on loopback (they do not depend on the network). Seconds are "
+             "the client's clock; GB both parties' sends; rounds the busier party's send actions. "
+             "Norms take the form the model's public calibration asks for "
+             "(veil/mpc/calibration.py): `plain` (one rsqrt) for these GPT-2 shapes.", "",
+             "Contenders: `vanilla` — one-hot × table embedding, real softmax attention with a KV "
+             "cache, GeLU, LayerNorm, LM head and argmax under MPC every step, the argmax's "
+             "one-hot the next input (tokens only reach the client); `vanilla-paper` — the same "
+             "plus a softmax over the whole vocabulary before the argmax, as the MERGE authors' "
+             "baseline computes it (same tokens); `merge` — the MERGE model (resent states, "
+             "constant attention, quad activations, merged affine norms), the LM head and argmax "
+             "once at the end; `+logits` — the client receives the logits and takes the argmax "
+             "itself (MERGE's own ending; it learns the logit vectors, not only the tokens).", ""]
+    main = [r for r in rows if r.get("lever", "") == ""]
+    for net in NETWORKS:
+        here = [r for r in main if r.get("network", "loopback") == net]
+        if not here:
+            continue
+        link = PROFILES.get(net)
+        lines += [f"## {link.describe() if link else 'loopback (no added delay, no rate limit)'}",
+                  ""]
+        head = ["MSL", "contender", "total s", "min–max", "runs", "vs vanilla", "vs vanilla-paper",
+                "GB", "% of vanilla comm", "rounds", "prompt step s", "later decode step s",
+                "head s"]
+        head += (["projected LAN s", "projected WAN s"] if net == "loopback"
+                 else ["projected from loopback s", "measured / projected"])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in here:
+            ref = {c: next((x for x in here if x["msl"] == r["msl"] and x["contender"] == c), None)
+                   for c in ("vanilla", "vanilla-paper")}
+            vs = [f"{ref[c]['total_s'] / r['total_s']:.2f}×" if ref[c] else "–"
+                  for c in ("vanilla", "vanilla-paper")]
+            v = ref["vanilla"]
+            comm = f"{100 * r['total_bytes'] / v['total_bytes']:.1f}%" if v else "–"
+            m = r["measured"]
+            cells = [str(r["msl"]), r["contender"], f"{r['total_s']:.1f}",
+                     f"{r['min']:.1f}–{r['max']:.1f}", str(r["repeats"]), *vs,
+                     f"{r['total_bytes'] / 1e9:.2f}", comm, f"{int(r['total_rounds'])}",
+                     f"{m['prompt_step_s']:.2f}", f"{m['decode_step_s']:.2f}", f"{m['head_s']:.1f}"]
+            if net == "loopback":
+                cells += [f"{r['projection'][n]:.0f}" for n in ("lan", "wan")]
+            else:
+                proj = r.get("projected_s")
+                cells += [f"{proj:.0f}" if proj else "–",
+                          f"{r['total_s'] / proj:.2f}" if proj else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    levers = [r for r in rows if r.get("lever", "") in ("trunc-msb", "reduced-norm")]
+    if levers:
+        lines += ["## SPU levers and the norm form (loopback)", "",
+                  "`trunc-msb`: SPU's `trunc_allow_msb_error` (truncation done locally, as CrypTen "
+                  "does). `reduced-norm`: the four-regime range-reduced norm veil needs for "
+                  "SmolLM2's massive activations, forced on these GPT-2 shapes (what every "
+                  "contender paid before the calibration chose the form).", "",
+                  "| MSL | contender | lever | total s | min–max | vs same contender without | "
+                  "rounds | GB |", "|---|---|---|---|---|---|---|---|"]
+        for r in levers:
+            base = next((x for x in main if _key(x)[:3] == _key(r)[:3]), None)
+            vs = f"{base['total_s'] / r['total_s']:.2f}×" if base else "–"
+            lines.append(f"| {r['msl']} | {r['contender']} | {r['lever']} | {r['total_s']:.1f} | "
+                         f"{r['min']:.1f}–{r['max']:.1f} | {vs} | {int(r['total_rounds'])} | "
+                         f"{r['total_bytes'] / 1e9:.2f} |")
+        lines.append("")
+    full = [r for r in rows if r.get("lever") == "full"]
+    if full:
+        lines += ["## Composition check: every step measured once", "",
+                  "| MSL | contender | sum of every step s | composed from 3 decode steps s | "
+                  "difference |", "|---|---|---|---|---|"]
+        for r in full:
+            lines.append(f"| {r['msl']} | {r['contender']} | {r['full_s']:.1f} | "
+                         f"{r['total_s']:.1f} | {100 * (r['total_s'] / r['full_s'] - 1):+.1f}% |")
+        lines.append("")
+    dates = sorted({r["when"] for r in rows if "when" in r})
+    if len(dates) > 1:
+        lines += ["Rows measured on: " + ", ".join(dates) + ".", ""]
+    lines += ["Goals (MERGE's paper, CrypTen on V100s): ≥ 26.5× at MSL 512, ≥ 7.75× at 128, "
+              "communication ≤ 20% of vanilla at 512. Per-category costs: mpc.md (eager, "
+              "profiled).", ""]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -424,15 +561,68 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                    cells)
 
 
+def _fused_row(contender: str, msl: int, network: str, lever: str, repeats: int,
+               decode_steps: int, base: str, weight_cache: bool,
+               counts: dict[str, Any] | None) -> dict[str, Any]:
+    """One row of mpc_fused: `repeats` timed runs (profiling off) over `network`, with bytes and
+    rounds from `counts` (a profiled loopback run's composition; made here when None)."""
+    kw = dict(base=base, weight_cache=weight_cache, fused=True,
+              trunc_msb=lever == "trunc-msb",
+              norm_range="reduced" if lever == "reduced-norm" else "auto")
+    if lever == "full":                  # every step once: the composition check
+        parties = measure(contender, msl, msl - PREFIX - 1, profile=False, **kw)
+        c = compose_fused(parties, msl, sample=decode_steps)
+        return {"msl": msl, "contender": contender, "network": network, "lever": lever,
+                "repeats": 1, "min": c["total_s"], "max": c["total_s"], **c}
+    if counts is None:
+        counts = compose_fused(measure(contender, msl, decode_steps, profile=True, **kw), msl)
+    link = PROFILES.get(network)
+    runs = [compose_fused(measure(contender, msl, decode_steps, profile=False, link=link, **kw),
+                          msl) for _ in range(repeats)]
+    runs.sort(key=lambda r: r["total_s"])
+    med = runs[len(runs) // 2]
+    row = {"msl": msl, "contender": contender, "network": network, "lever": lever,
+           "repeats": len(runs), "total_s": statistics.median(r["total_s"] for r in runs),
+           "min": runs[0]["total_s"], "max": runs[-1]["total_s"],
+           "total_s_runs": [r["total_s"] for r in runs], "measured": med["measured"],
+           "norm_range": med["norm_range"], "counts_from": "profiled loopback run"}
+    for k in ("total_bytes", "busier_bytes", "total_rounds"):
+        row[k] = counts[k]
+    return row
+
+
+def _project(rows: list[dict[str, Any]]) -> None:
+    """Loopback rows: their time projected onto each network profile; network rows: the
+    projection of their loopback twin, for the measured / projected column."""
+    loop = {_key(r)[:2] + (r.get("lever", ""),): r for r in rows
+            if r.get("network", "loopback") == "loopback" and "busier_bytes" in r}
+    for r in rows:
+        if "busier_bytes" not in r:
+            continue
+        if r.get("network", "loopback") == "loopback":
+            r["projection"] = {n: PROFILES[n].project(r["total_s"], r["total_rounds"],
+                                                      r["busier_bytes"]) for n in PROFILES}
+        else:
+            twin = loop.get(_key(r)[:2] + (r.get("lever", ""),))
+            r["projected_s"] = (PROFILES[r["network"]].project(
+                twin["total_s"], twin["total_rounds"], twin["busier_bytes"]) if twin else None)
+
+
 def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] | None = None,
         decode_steps: int = 3, out_dir: str | Path = "benchmarks/results",
         base: str = "gpt2-base", weight_cache: bool = True, fused: bool = False,
-        update: bool = False) -> list[Path]:
+        update: bool = False, repeats: int = 3, network: str = "loopback",
+        lever: str = "") -> list[Path]:
     """Writes mpc.json / mpc.md (mpc_fused.* with `fused`; a `_nocache` suffix without the
-    Beaver weight cache). With `update`, rows already in the JSON for other (MSL, contender)
-    pairs are kept (each row carries the date it was measured), and the measured ones replace
-    theirs."""
+    Beaver weight cache). With `update`, rows already in the JSON for other (MSL, contender,
+    network, lever) keys are kept (each row carries the date it was measured), and the measured
+    ones replace theirs. Fused rows: `repeats` timed runs over `network` ("loopback", "lan",
+    "wan": veil/mpc/netem.py's relay) with `lever` ("", "trunc-msb", "reduced-norm", or "full":
+    one run measuring every step, the composition check)."""
     variants = variants or (FUSED_CONTENDERS if fused else VARIANTS)
+    if network not in NETWORKS or lever not in (*LEVERS, "full"):
+        raise ConfigError(f"network must be one of {NETWORKS} and lever one of "
+                          f"{(*LEVERS, 'full')}")
     import platform
 
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU", "base": base,
@@ -450,13 +640,22 @@ def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] | None = None,
     order = {c: i for i, c in enumerate(FUSED_CONTENDERS)}
     for msl in msls:
         for variant in variants:
-            parties = measure(variant, msl, decode_steps, base=base, weight_cache=weight_cache,
-                              fused=fused)
-            rows = [r for r in rows if (r["msl"], r["contender"]) != (msl, variant)]
-            rows.append({"msl": msl, "contender": variant, "vocab": cfg_vocab(base),
-                         "when": meta["when"],
-                         **(compose_fused if fused else compose)(parties, msl), "raw": parties})
-            rows.sort(key=lambda r: (r["msl"], order.get(r["contender"], 99)))
+            if fused:
+                twin = next((r for r in rows if _key(r) == (msl, variant, "loopback", lever)
+                             and "busier_bytes" in r), None) if network != "loopback" else None
+                row = _fused_row(variant, msl, network, lever, repeats, decode_steps, base,
+                                 weight_cache, twin)
+            else:
+                parties = measure(variant, msl, decode_steps, base=base,
+                                  weight_cache=weight_cache)
+                row = {"msl": msl, "contender": variant, **compose(parties, msl), "raw": parties}
+            row.update(vocab=cfg_vocab(base), when=meta["when"])
+            rows = [r for r in rows if _key(r) != _key(row)]
+            rows.append(row)
+            rows.sort(key=lambda r: (NETWORKS.index(r.get("network", "loopback")),
+                                     r.get("lever", ""), r["msl"], order.get(r["contender"], 99)))
+            if fused:
+                _project(rows)
             # written after every contender: a long sweep keeps what it measured
             (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             (out / f"{stem}.md").write_text(render(rows, meta))
@@ -478,10 +677,14 @@ if __name__ == "__main__":
         render = markdown_fused if data["meta"].get("programs") == "fused" else markdown
         Path(sys.argv[2]).with_suffix(".md").write_text(render(data["rows"], data["meta"]))
     else:
-        flags = ("--no-weight-cache", "--fused", "--update")
-        args = [a for a in sys.argv[1:] if a not in flags]
+        # python -m veil.bench.mpc [MSLS [CONTENDERS]] [--fused] [--update] [--no-weight-cache]
+        #                          [--repeats=N] [--network=lan|wan] [--lever=trunc-msb|...]
+        opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+        args = [a for a in sys.argv[1:] if not a.startswith("--")]
         msls = tuple(int(x) for x in args[0].split(",")) if args else MSLS
         variants = tuple(args[1].split(",")) if len(args) > 1 else None
         for p in run(msls, variants, weight_cache="--no-weight-cache" not in sys.argv,
-                     fused="--fused" in sys.argv, update="--update" in sys.argv):
+                     fused="--fused" in sys.argv, update="--update" in sys.argv,
+                     repeats=int(opts.get("repeats", 3)), network=opts.get("network", "loopback"),
+                     lever=opts.get("lever", "")):
             print(f"wrote {p}")

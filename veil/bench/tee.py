@@ -41,10 +41,11 @@ EXTRA_ROWS = (("loro-paper", "loro", {"pads": "fixed", "attention_mixing": "perm
               ("loro-f64", "loro", {"pad_products": "float64"}),
               ("loro-block", "loro", {"wait": "block"}),
               ("kvshield-paper", "kvshield", {"mixing": "permute", "fold": True}))
-# The user's path, nothing tuned: `veil.load(model)` and `veil.load(model, scheme="loro",
-# device=...)` with the threads, cores and waits veil picks (veil/tee/placement.py).
-DEFAULT_ROWS = (("plain", "plain", {}), ("loro · device process", "loro", {"device": "process"}),
-                ("loro · device thread", "loro", {"device": "thread"}))
+# The user's path, nothing tuned: `veil.load(model)` and `veil.load(model, scheme="loro")` with the
+# device mode, threads, cores and waits veil picks (veil/tee/placement.py), alternated; then, alone,
+# a thread device (the mode veil picks for small models, or with device="thread").
+DEFAULT_ROWS = (("plain", "plain", {}), ("loro", "loro", {}))
+THREAD_ROW = ("loro · device thread", "loro", {"device": "thread"})
 
 
 def contenders() -> list[tuple[str, str, dict[str, Any]]]:
@@ -198,7 +199,9 @@ def _default_rows(d: dict[str, Any], model: str) -> list[dict[str, Any]]:
                      "max": max(tps), "unit": "decode tokens/s",
                      "latency_vs_plain": base / statistics.median(tps),
                      "prefill_s": statistics.median(r["prefill_s"]),
-                     "same_tokens_as_plain": r["same_tokens_as_plain"], "placement": r["placement"]})
+                     "same_tokens_as_plain": r["same_tokens_as_plain"], "placement": r["placement"],
+                     "device": r.get("device") or "—",
+                     "beside_thread_device": r.get("beside_thread_device")})
     return rows
 
 
@@ -216,14 +219,22 @@ def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any,
         assert defaults is not None
         out += ["## Default settings (what `veil.load` and `veil generate` give)", "",
                 f"Nothing pinned or tuned by the benchmark: {defaults['cores']} cores, torch's "
-                f"{defaults['threads']} threads for plain; the TEE rows with the placement veil "
-                "chose (veil/tee/placement.py).", "",
-                "| scheme | decode tok/s | min | max | latency vs plain | prefill s | same tokens | placement |",
-                "|---|---|---|---|---|---|---|---|"]
+                f"{defaults['threads']} threads for plain; `veil.load(model, scheme=\"loro\")` "
+                "with the device mode and placement veil chose (veil/tee/placement.py); plain "
+                "and loro alternated, then the thread device alone.", "",
+                "| scheme | device | decode tok/s | min | max | latency vs plain | prefill s | "
+                "same tokens | placement |", "|---|---|---|---|---|---|---|---|---|"]
         for r in default_rows:
-            out.append(f"| {r['scheme']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | "
-                       f"{r['latency_vs_plain']:.2f}× | {r['prefill_s']:.3f} | "
+            out.append(f"| {r['scheme']} | {r['device']} | {r['median']:.2f} | {r['min']:.2f} | "
+                       f"{r['max']:.2f} | {r['latency_vs_plain']:.2f}× | {r['prefill_s']:.3f} | "
                        f"{r['same_tokens_as_plain']} | {r['placement'] or '—'} |")
+        beside = next((r["beside_thread_device"] for r in default_rows if r["scheme"] == "plain"
+                       and r.get("beside_thread_device")), None)
+        if beside:
+            out += ["", f"While a thread device lives in the same process, plain decodes at "
+                        f"{statistics.median(beside):.2f} tok/s (it shares the interpreter and "
+                        "torch's thread pool): one reason veil runs a large model's device as a "
+                        "process."]
         out.append("")
     out += [f"## One core each ({cores})", "",
            "| scheme | decode tok/s | min | max | latency vs plain | prefill s | device busy | enclave waits "
@@ -257,27 +268,47 @@ def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any,
 
 
 def defaults_worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]:
-    """DEFAULT_ROWS as a user gets them: no pinning, no thread settings; alternated repeats."""
-    models = {label: veil.load(model_name, scheme=s, **opts) for label, s, opts in DEFAULT_ROWS}
-    plain = models["plain"]
-    ids = plain.encode(prompt) if plain.tokenizer is not None else [1, 2, 3, 4, 5, 6]
-    ref = plain.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids
+    """DEFAULT_ROWS as a user gets them (no pinning, no thread settings; alternated repeats), then
+    THREAD_ROW alone with plain beside it — a thread device slows a plain model in the same
+    process, so it is measured after the others are closed."""
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0)),
                            "schemes": {}}
-    for label, m in models.items():
-        m.generate(ids, max_new_tokens=4, ignore_eos=True)
-        placement = getattr(m.session, "placement", None)
-        out["schemes"][label] = {
-            "same_tokens_as_plain": m.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids == ref,
-            "placement": placement.describe() if placement is not None else "",
-            "decode_tokens_per_s": [], "prefill_s": []}
-    for _ in range(repeats):
+
+    def measure(models: dict[str, Any], ref: list[int] | None) -> list[int]:
+        plain = models.get("plain")
+        ids = (plain.encode(prompt) if plain is not None and plain.tokenizer is not None
+               else [1, 2, 3, 4, 5, 6])
         for label, m in models.items():
-            c = m.generate(ids, max_new_tokens=n, ignore_eos=True).cost
-            out["schemes"][label]["decode_tokens_per_s"].append(c.decode_tokens_per_s)
-            out["schemes"][label]["prefill_s"].append(c.prefill_s)
-    for m in models.values():
-        m.close()
+            m.generate(ids, max_new_tokens=4, ignore_eos=True)
+            placement = getattr(m.session, "placement", None)
+            tokens = m.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids
+            ref = ref if ref is not None else tokens
+            out["schemes"].setdefault(label, {
+                "same_tokens_as_plain": tokens == ref,
+                "placement": placement.describe() if placement is not None else "",
+                "device": getattr(getattr(m.session, "ops", None), "device", None) is not None
+                and ("process" if m.session.ops.device.proc is not None else "thread"),
+                "decode_tokens_per_s": [], "prefill_s": []})
+        for _ in range(repeats):
+            for label, m in models.items():
+                c = m.generate(ids, max_new_tokens=n, ignore_eos=True).cost
+                out["schemes"][label]["decode_tokens_per_s"].append(c.decode_tokens_per_s)
+                out["schemes"][label]["prefill_s"].append(c.prefill_s)
+        return ref
+
+    models = {label: veil.load(model_name, scheme=s, **opts) for label, s, opts in DEFAULT_ROWS}
+    ref = measure(models, None)
+    models["loro"].close()
+    label, s, opts = THREAD_ROW
+    thread = veil.load(model_name, scheme=s, **opts)
+    out["schemes"]["plain"]["beside_thread_device"] = []
+    measure({label: thread}, ref)
+    ids = models["plain"].encode(prompt) if models["plain"].tokenizer is not None else [1, 2, 3]
+    for _ in range(repeats):
+        out["schemes"]["plain"]["beside_thread_device"].append(
+            models["plain"].generate(ids, max_new_tokens=n, ignore_eos=True).cost.decode_tokens_per_s)
+    thread.close()
+    models["plain"].close()
     return out
 
 

@@ -19,7 +19,9 @@ PROTOCOLS = {"semi2k": ("SEMI2K", 2), "cheetah": ("CHEETAH", 2), "aby3": ("ABY3"
 FIELDS = {"fm64": "FM64", "fm128": "FM128"}
 OWNER, CLIENT = 0, 1
 # the MpcConfig fields a user sets
-MPC_KEYS = ("protocol", "field", "fxp_bits", "exp_iters", "weight_cache", "reveal")
+MPC_KEYS = ("protocol", "field", "fxp_bits", "exp_iters", "weight_cache", "reveal", "norm_range",
+            "norm_shift", "head_softmax", "trunc_msb")
+NORM_RANGES = ("auto", "plain", "reduced")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,26 @@ class MpcConfig:
     # then inputs the next token's one-hot as a fresh secret. The client learns the logit
     # vectors (the model's output distribution at its own positions), not just the tokens.
     reveal: str = "tokens"
+    # How norms take 1/rms under MPC. "reduced": SpuOps' four-regime range reduction, for models
+    # with massive activations (SmolLM2: residual entries ~22 000; one rsqrt there wraps the ring
+    # or keeps ~3 significant bits) — three extra squares, four rsqrts and the selects, measured
+    # 386 ms vs 105 ms for one 768-wide row in the simulator. "plain": one mean square and one
+    # rsqrt, for models whose norm inputs stay in its range. "auto": chosen per model from a
+    # public calibration of its norm inputs (veil/mpc/calibration.py) by whoever holds the
+    # weights before the parties start; a party that receives "auto" unresolved takes
+    # "reduced", which is correct for every model.
+    norm_range: str = "auto"
+    # with norm_range "plain": x is scaled by 2^norm_shift (public, from the calibration) before
+    # its mean square, so the rsqrt's input sits where fixed point keeps its precision (a norm is
+    # scale-invariant; eps is scaled alike) — one multiply by a public power of two
+    norm_shift: int = 0
+    # The MERGE paper's vanilla baseline: softmax over the whole vocabulary under MPC before the
+    # argmax, every step (the argmax of the softmax is the argmax of the logits: same tokens,
+    # more work). Off: the argmax of the logits.
+    head_softmax: bool = False
+    # SPU's trunc_allow_msb_error: fixed-point truncation done locally, as CrypTen does, accepting
+    # a rare large error (when a value's share wraps) for fewer rounds; off by default
+    trunc_msb: bool = False
     profile: bool = False       # SPU's per-op time and traffic (rank 0's log)
 
     def __post_init__(self) -> None:
@@ -62,6 +84,25 @@ class MpcConfig:
             raise ConfigError(f"option 'weight_cache' must be true or false, got {self.weight_cache!r}")
         if self.reveal not in ("tokens", "logits"):
             raise ConfigError(f"option 'reveal' must be 'tokens' or 'logits', got {self.reveal!r}")
+        if self.norm_range not in NORM_RANGES:
+            raise ConfigError(f"option 'norm_range' must be one of {list(NORM_RANGES)}, got "
+                              f"{self.norm_range!r}")
+        if not isinstance(self.norm_shift, int) or not -12 <= self.norm_shift <= 12:
+            raise ConfigError(f"option 'norm_shift' must be an integer in [-12, 12], got "
+                              f"{self.norm_shift!r}")
+        for name in ("head_softmax", "trunc_msb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"option {name!r} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
+        if self.head_softmax and self.reveal != "tokens":
+            raise ConfigError("option 'head_softmax' is the softmax before the argmax under MPC; "
+                              "with reveal='logits' there is no argmax under MPC")
+
+    @property
+    def norm_form(self) -> str:
+        """The norm form the programs compile: "plain" or "reduced" ("auto" unresolved takes
+        the form that is correct for every model)."""
+        return "plain" if self.norm_range == "plain" else "reduced"
 
     def agreement(self, cfg: ModelConfig) -> bytes:
         """What every party must agree on for the protocol to line up (settings that change
@@ -90,4 +131,5 @@ class MpcConfig:
         if self.exp_iters:
             rc.fxp_exp_iters = self.exp_iters
         rc.enable_pphlo_profile = rc.enable_hal_profile = self.profile
+        rc.trunc_allow_msb_error = self.trunc_msb
         return rc

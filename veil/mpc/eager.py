@@ -37,7 +37,7 @@ from veil.model.generate import step_window
 from veil.model.ops import Step
 from veil.mpc.config import CLIENT
 from veil.mpc.jax_ops import JaxCache
-from veil.mpc.spu_runtime import Binder, SpuOps
+from veil.mpc.spu_runtime import Binder, spu_ops
 
 HEAD_ARGMAX_ROWS = 64
 CATEGORIES = ("embedding", "linear", "attention", "norm", "activation", "sampling", "other")
@@ -131,6 +131,7 @@ class EagerSpuOps:
         self._programs = programs          # call-site key → (executable, output shapes)
         self._site = 0
         self.compile_s = 0.0
+        self.head_softmax = False          # MpcConfig.head_softmax: softmax before the argmax
 
     # ---- the machinery -------------------------------------------------------------------
     def _call(self, category: str, fn: Callable[..., Any], inputs: list[Var],
@@ -252,6 +253,8 @@ class EagerSpuOps:
         V = self.cfg.vocab_size
 
         def fn(p: dict, lg: Any) -> tuple:
+            if self.head_softmax:
+                lg = self._ops(p).softmax(lg, jnp.ones(lg.shape, dtype=bool))
             tok = jnp.argmax(lg, axis=-1)
             onehot = (jnp.arange(V) == tok[..., None]).astype(jnp.float32)
             return tok.astype(jnp.int32), onehot
@@ -280,7 +283,9 @@ def measure_party(rank: int, lctx: Any, cfg: ModelConfig, mc: Any,
     programs: dict[tuple, Any] = {}
 
     def new_ops(ledger: CostLedger) -> EagerSpuOps:
-        return EagerSpuOps(cfg, rt, param_shapes, ledger, profile, SpuOps, capacity, programs)
+        ops = EagerSpuOps(cfg, rt, param_shapes, ledger, profile, spu_ops(mc), capacity, programs)
+        ops.head_softmax = mc.head_softmax
+        return ops
 
     def run_step(i: int) -> None:
         """Step `i` (0: the prompt) over the cache slots generation's step `i` covers."""

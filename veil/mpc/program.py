@@ -53,12 +53,14 @@ def one_hot(ids: Any, vocab: int) -> np.ndarray:
     return out
 
 
-def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps, argmax: bool = True
-              ) -> Callable[..., tuple]:
+def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps, argmax: bool = True,
+              head_softmax: bool = False) -> Callable[..., tuple]:
     """The step function for `cfg` (see the module docstring); `ops_cls` picks the executor's
     hooks (plain jax, or SPU-friendly forms). Without `argmax` the step ends at the logits
     (params, onehot, k, v, start, positions) → (logits, k', v'): the client receives them,
-    picks the token and inputs its one-hot itself (`MpcConfig.reveal == "logits"`)."""
+    picks the token and inputs its one-hot itself (`MpcConfig.reveal == "logits"`).
+    `head_softmax`: the argmax is taken of the softmax over the vocabulary, as the MERGE paper's
+    vanilla baseline computes it (same token, the softmax's cost added)."""
     check_support(ops_cls.support, cfg, f"backend {ops_cls.name!r}")
 
     def step(params: dict[str, Any], onehot: Any, k: list[Any], v: list[Any], start: Any,
@@ -69,7 +71,10 @@ def make_step(cfg: ModelConfig, ops_cls: type[JaxOps] = JaxOps, argmax: bool = T
                          last_only=True)[:, -1]                                  # (B, V)
         if not argmax:
             return logits, cache.k, cache.v
-        token = jnp.argmax(logits, axis=-1)                                      # (B,)
+        scores = logits
+        if head_softmax:
+            scores = ops.softmax(logits, jnp.ones(logits.shape, dtype=bool))
+        token = jnp.argmax(scores, axis=-1)                                      # (B,)
         nxt = (jnp.arange(cfg.vocab_size)[None, :] == token[:, None]).astype(onehot.dtype)
         return nxt[:, None, :], token.astype(jnp.int32), logits, cache.k, cache.v
     return step

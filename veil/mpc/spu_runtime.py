@@ -74,6 +74,30 @@ class SpuOps(JaxOps):
         return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
+class SpuOpsPlainNorm(SpuOps):
+    """SpuOps with one mean square and one rsqrt per norm (`MpcConfig.norm_range == "plain"`),
+    after a public scale 2^pre_shift: for models whose norm inputs a public calibration shows in
+    that form's range (veil/mpc/calibration.py)."""
+
+    pre_shift = 0
+
+    def normalize(self, xc: Any) -> Any:
+        s = 2.0 ** self.pre_shift
+        xs = xc * s
+        return xs * jax.lax.rsqrt(jnp.mean(xs * xs, axis=-1, keepdims=True)
+                                  + self.cfg.norm_eps * s * s)
+
+
+def spu_ops(mc: MpcConfig) -> type[SpuOps]:
+    """The executor class of the programs for `mc` (its norm form and scale)."""
+    if mc.norm_form != "plain":
+        return SpuOps
+    if mc.norm_shift == 0:
+        return SpuOpsPlainNorm
+    return type(f"SpuOpsPlainNorm{mc.norm_shift:+d}", (SpuOpsPlainNorm,),
+                {"pre_shift": mc.norm_shift})
+
+
 class StepProgram:
     """A step compiled by SPU for one input shape (batch, new tokens, cache capacity).
 
@@ -96,8 +120,9 @@ class StepProgram:
 
         self.param_names = sorted(param_shapes)
         L = cfg.n_layers
-        step = (make_resend_step(cfg, first, SpuOps) if resend
-                else make_step(cfg, SpuOps, argmax=argmax))
+        ops_cls = spu_ops(mc)
+        step = (make_resend_step(cfg, first, ops_cls) if resend
+                else make_step(cfg, ops_cls, argmax=argmax, head_softmax=mc.head_softmax))
         n_p = len(self.param_names)
 
         def flat_step(*flat: Any) -> tuple:

@@ -80,7 +80,7 @@ def _schemes(name: str, system: str, options: type[BaselineOptions], sees: str,
         return Protected(secrets_, device_weights)
 
     def open_(opened: OpenedModel, o: BaselineOptions) -> TeeSession:
-        mode = o.mode("thread", name)
+        mode = o.mode("thread", name, opened.weights)
         secrets_, device_weights = protect_baseline_secrets(
             name, opened.cfg, opened.weights, o.enclave_share, o.noised_fraction())
         return start_session(name, opened.cfg, o, mode, device_weights, secrets_,

@@ -57,7 +57,7 @@ class KvShieldOptions(DeviceOptions):
 
 
 def _open(opened: OpenedModel, o: KvShieldOptions) -> TeeSession:
-    mode = o.mode("thread", "kvshield")
+    mode = o.mode("thread", "kvshield", opened.weights)
     secrets_, device_weights = protect_kvshield(opened.cfg, opened.weights)
     return start_session(
         "kvshield", opened.cfg, o, mode, device_weights, secrets_,

@@ -56,7 +56,7 @@ class LoroOptions(LoroConfig, LoroRunOptions):
 
 
 def _open(opened: OpenedModel, o: LoroOptions) -> TeeSession:
-    mode = o.mode("thread", "loro")
+    mode = o.mode("thread", "loro", opened.weights)
     lcfg = o.config()
     secrets_, device_weights = protect_loro(opened.cfg, opened.weights, lcfg)
     return start_session(

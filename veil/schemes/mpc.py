@@ -30,6 +30,7 @@ from veil.model.config import ModelConfig
 from veil.model.generate import GenerationTrace, SamplingConfig
 from veil.model.opening import OpenedModel
 from veil.model.weights import Weights
+from veil.mpc.calibration import resolve
 from veil.mpc.config import SUPPORT, MpcConfig
 from veil.schemes.base import FixedLengthSession, Placement, Scheme, SchemeOptions, Tolerance
 
@@ -58,7 +59,8 @@ class MpcSession(FixedLengthSession):
                  options: MpcOptions) -> None:
         super().__init__(scheme, cfg)
         self.weights, self.source, self.options = weights, source, options
-        self.mc = options.protocol_config()
+        # the launcher holds the weights: it settles norm_range="auto" before any party starts
+        self.mc = resolve(options.protocol_config(), cfg, weights)
         self.last_compile_s = 0.0
 
     def run_fixed(self, prompt: list[int], s: SamplingConfig) -> tuple[list[int], GenerationTrace]:

@@ -14,17 +14,18 @@ from veil.cost import SplitCost
 from veil.errors import ConfigError
 from veil.schemes.base import DeviceViewing, EnclaveHolding, SchemeOptions, StepSession
 from veil.tee.device import View
-from veil.tee.placement import Placement, choose, enclave_threads
+from veil.tee.placement import Placement, choose, enclave_threads, process_pays
 from veil.tee.process import DeviceHandle
 from veil.tee.runtime import TeeModelOps, start_device
 
 
 @dataclass(frozen=True)
 class DeviceOptions(SchemeOptions):
-    """The untrusted device: a thread speaking the wire protocol (the default of `veil.load`) or
-    its own OS process (the default for an artifact); its torch threads, its cores and how both
-    sides wait on the channel (process only; unset, veil/tee/placement.py chooses them for the
-    machine); whether it records everything it receives (`Model.device_view`)."""
+    """The untrusted device: a thread speaking the wire protocol or its own OS process (the
+    default for an artifact, and for `veil.load` of a model large enough on a machine with two
+    or more cores: `process_pays` in veil/tee/placement.py); its torch threads, its cores and
+    how both sides wait on the channel (process only; unset, veil/tee/placement.py chooses them
+    for the machine); whether it records everything it receives (`Model.device_view`)."""
 
     device: Literal["thread", "process"] | None = None
     device_threads: int | None = None
@@ -49,10 +50,15 @@ class DeviceOptions(SchemeOptions):
             return ""
         return "options 'device_threads', 'device_cpus' and 'wait' need device='process'"
 
-    def mode(self, default: str, scheme: str) -> str:
+    def mode(self, default: str, scheme: str, weights: Any = None) -> str:
         """The device mode for a path whose default is `default`, checked against the options
-        that only a process takes (before anything is started)."""
+        that only a process takes (before anything is started). Given the model's `weights`, an
+        unset `device` on a "thread" path becomes a process where that pays
+        (`process_pays`)."""
         mode = self.device or default
+        if self.device is None and mode == "thread" and weights is not None \
+                and not self.record_view and process_pays(weights):
+            mode = "process"
         if mode == "thread" and self._process_only():
             raise ConfigError(f"{scheme}: {self._process_only()}")
         return mode

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -73,6 +73,22 @@ def choose(device_threads: int | None = None, device_cpus: tuple[int, ...] | Non
         own = threads < len(cpus)
     spin = {"spin": True, "block": False}.get(wait, own)
     return Placement(1, threads, pinned, SPIN_S if spin else 0.0)
+
+
+# below this, a device process costs more to start (writing the masked weights, a new interpreter)
+# than it saves; the tiny presets stay in-thread
+PROCESS_MIN_BYTES = 64 << 20
+
+
+def process_pays(weights: Any) -> bool:
+    """Whether `veil.load` should run a device as its own process rather than a thread: with two
+    or more cores and a model of PROCESS_MIN_BYTES or more. A thread device shares the enclave's
+    interpreter lock and torch thread pool — measured on the default model here at 7.0 tok/s
+    against 12.5 for a process (and it slows a plain model in the same process by half while it
+    lives: benchmarks/results/tee.md)."""
+    if len(available_cpus()) < 2:
+        return False
+    return sum(t.nbytes for t in weights.values()) >= PROCESS_MIN_BYTES
 
 
 @contextlib.contextmanager
