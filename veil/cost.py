@@ -41,7 +41,8 @@ class SplitCost:
     enclave_flops: int = 0           # the protocol's own work in the enclave
     enclave_overlap_flops: int = 0   # … of which done while the device computes
     enclave_wait_s: float = 0.0      # the enclave blocked on the device
-    enclave_crypto_bytes: int = 0    # AES work on the critical path (pad keystream, opened blobs)
+    enclave_crypto_bytes: int = 0    # AES work on the critical path (the pads' keystream)
+    enclave_overlap_crypto_bytes: int = 0  # AES while the device computes (sealed products opened)
     device_flops: int = 0            # as the device reports them
     device_busy_s: float = 0.0       # the device's compute time, as it reports it
     device_weight_bytes: int = 0     # level: the weights resident on the device

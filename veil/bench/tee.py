@@ -82,7 +82,7 @@ def _counts(model: Any, ids: list[int], weight_bytes: float) -> dict[str, Any]:
         return SplitCounts(flops, weight_bytes, s.device_flops, s.device_weight_bytes,
                            s.enclave_overlap_flops, s.enclave_flops - s.enclave_overlap_flops,
                            s.moved_bytes,   # sealed pad products included
-                           s.round_trips, s.enclave_crypto_bytes)
+                           s.round_trips, s.enclave_crypto_bytes, s.enclave_overlap_crypto_bytes)
 
     step = two.split.since(one.split) if two.split is not None and one.split is not None else None
     out = {"prefill": counts_row(make(one.flops, one.split)),

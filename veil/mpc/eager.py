@@ -8,7 +8,8 @@ the runtime between calls; positions are public). Each call's wall time, and its
 send actions from SPU's profile, are added to the call's category — MERGE's Table 1 columns:
 
     embedding   one-hot × table (and learned positions)
-    linear      every projection, the LM head included (as the paper counts it)
+    linear      every projection and the LM head (the authors' timing code counts the head,
+                with the softmax and argmax, in its "GenerateOther" bucket instead)
     attention   q·k, softmax, p·v, rope, cache writes — or MERGE's table mixing
     norm        RMS/Layer/affine norms
     activation  the MLP non-linearity and the gate product

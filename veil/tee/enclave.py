@@ -107,6 +107,7 @@ class EnclaveOps(TorchOps):
             enclave_overlap_flops=self.protocol.overlap_flops,
             enclave_crypto_bytes=pads.crypto_bytes + self.mixing_pad_bytes
             + sum(p.pad_bytes[0] for p in self.perms),
+            enclave_overlap_crypto_bytes=pads.overlap_crypto_bytes,
             device_flops=int(dev.get("flops", 0)), device_busy_s=float(dev.get("busy_s", 0)),
             device_weight_bytes=int(dev.get("resident_bytes", 0)),
             device_store_bytes=int(dev.get("store_bytes", 0)),

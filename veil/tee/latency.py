@@ -8,8 +8,10 @@ cross and the number of crossings. `project` maps them onto a `Hardware` profile
 
     device   = max(device FLOPs / accel rate, device weight bytes / accel bandwidth)   (roofline)
     overlap  = enclave work done while the device multiplies / TEE rate   (LoRO's corrections)
+               + crypto bytes opened meanwhile / TEE AES rate   (LoRO's sealed pad products,
+                 which the device sends ahead of its result)
     serial   = max(enclave model + serial FLOPs / TEE rate, enclave weight bytes / TEE bandwidth)
-               + online crypto bytes / TEE AES rate   (LoRO's pad keystream and sealed products)
+               + online crypto bytes on the critical path / TEE AES rate   (LoRO's pad keystream)
     link     = crossing bytes / link bandwidth + crossings × world-switch time
     total    = max(device, overlap) + serial + link
 
@@ -79,7 +81,8 @@ class SplitCounts:
     enclave_serial_flops: float  # protocol work on the critical path (masking, head mixing)
     transfer_bytes: float        # bytes across the boundary, both ways, pad material included
     round_trips: float
-    enclave_crypto_bytes: float = 0.0  # AES work on the critical path (LoRO's pad store)
+    enclave_crypto_bytes: float = 0.0  # AES work on the critical path (LoRO's pad keystream)
+    enclave_overlap_crypto_bytes: float = 0.0  # AES while the device computes (sealed products)
 
     @property
     def enclave_model_flops(self) -> float:
@@ -105,7 +108,8 @@ class SplitCounts:
 def project(c: SplitCounts, hw: Hardware) -> dict[str, float]:
     """Seconds per part and in total (see the module docstring)."""
     device = max(c.device_flops / (hw.accel_gflops * 1e9), c.device_weight_bytes / (hw.accel_gbs * 1e9))
-    overlap = c.enclave_overlap_flops / (hw.tee_gflops * 1e9)
+    overlap = (c.enclave_overlap_flops / (hw.tee_gflops * 1e9)
+               + c.enclave_overlap_crypto_bytes / (hw.tee_aes_gbs * 1e9))
     serial = max((c.enclave_model_flops + c.enclave_serial_flops) / (hw.tee_gflops * 1e9),
                  c.enclave_weight_bytes / (hw.tee_gbs * 1e9)) \
         + c.enclave_crypto_bytes / (hw.tee_aes_gbs * 1e9)

@@ -50,7 +50,8 @@ class PadCost:
     seconds: float = 0.0
     stored_bytes: int = 0   # sealed products put on the device (offline traffic)
     used_bytes: int = 0     # sealed products fetched back online (already in the channel bytes)
-    crypto_bytes: int = 0   # online AES work in the enclave: pad keystream + products opened
+    crypto_bytes: int = 0   # online AES work on the critical path: the pads' keystream
+    overlap_crypto_bytes: int = 0   # sealed products opened, while the device multiplies
 
 
 class PadStream:
@@ -200,7 +201,8 @@ class PadPool:
             raise IntegrityError(f"pad store: the device sent no sealed pad products for {name} "
                                  f"rows {start}–{start + rows}")
         self.cost.used_bytes += fetched.numel()
-        self.cost.crypto_bytes += fetched.numel()
+        # the device sends them ahead of its result: opened while it multiplies
+        self.cost.overlap_crypto_bytes += fetched.numel()
         raw = fetched.numpy()
         try:
             if rows == 1:      # decode: one row, no joining
