@@ -139,10 +139,11 @@ MERGE = Scheme(
     name="merge", system="MERGE (AAAI'24) on SPU", protects="weights and input",
     trusted="nobody: 2 non-colluding parties", sees="secret shares", kind="mpc",
     status="**implemented**: MERGE variants, `veil train merge`, per-category costs, `veil "
-           "bench mpc` / `mpc-fused`; 4.0× (MSL 128) / 4.8× (512) faster than vanilla per "
-           "generation with the paper's ending (logits to the client, `reveal=\"logits\"`), "
-           "3.2× / 3.8× with tokens only — short of the paper's 7.75×/26.5× (see "
-           "[docs/merge.md](docs/merge.md))",
+           "bench mpc` / `mpc-fused`; at MSL 128 with the paper's ending (logits to the "
+           "client) 3.9× faster than vanilla on loopback and 8.6× (9.4× against the paper's "
+           "vanilla) over a 100 Mbps / 20 ms WAN (vanilla projected from measured rounds and "
+           "bytes, the projection within 5% of measured LAN/WAN runs); 2.85× / 7.2× with tokens "
+           "only; the paper's 26.5× at 512 is not reached (see [docs/merge.md](docs/merge.md))",
     options=MpcOptions, support=SUPPORT, tolerance=_FXP, open=_opener("merge"),
     check_model=_check_merge_model,
     placement=(
