@@ -498,12 +498,14 @@ def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             v = ref["vanilla"]
             comm = f"{100 * r['total_bytes'] / v['total_bytes']:.1f}%" if v else "–"
             m = r["measured"]
+            lo, hi = r.get("min", r["total_s"]), r.get("max", r["total_s"])
             cells = [str(r["msl"]), r["contender"], f"{r['total_s']:.1f}",
-                     f"{r['min']:.1f}–{r['max']:.1f}", str(r["repeats"]), *vs,
+                     f"{lo:.1f}–{hi:.1f}", str(r.get("repeats", 1)), *vs,
                      f"{r['total_bytes'] / 1e9:.2f}", comm, f"{int(r['total_rounds'])}",
                      f"{m['prompt_step_s']:.2f}", f"{m['decode_step_s']:.2f}", f"{m['head_s']:.1f}"]
             if net == "loopback":
-                cells += [f"{r['projection'][n]:.0f}" for n in ("lan", "wan")]
+                proj = r.get("projection")
+                cells += [f"{proj[n]:.0f}" if proj else "–" for n in ("lan", "wan")]
             else:
                 proj = r.get("projected_s")
                 cells += [f"{proj:.0f}" if proj else "–",
