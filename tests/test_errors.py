@@ -110,6 +110,13 @@ def test_prompt_longer_than_context():
         m.logits([[5] * 300])
 
 
+@pytest.mark.parametrize("batch", [[1, 2, 3], "hello", ["hello"], [[1, "x"]]])
+def test_logits_needs_a_batch_of_id_rows(batch):
+    m = veil.load("tiny-llama")
+    with pytest.raises(InputError, match="batch"):
+        m.logits(batch)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"temperature": -1.0}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),

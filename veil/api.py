@@ -196,7 +196,13 @@ class Model:
         if not isinstance(session, StepSession):
             raise UnsupportedError(f"scheme {self.scheme!r} runs whole generations; per-call "
                                    "logits are not offered")
-        rows = [[int(t) for t in r] for r in batch]
+        try:
+            if isinstance(batch, str) or any(isinstance(r, str) for r in batch):
+                raise TypeError
+            rows = [[int(t) for t in r] for r in batch]
+        except (TypeError, ValueError):
+            raise InputError("logits takes a batch: a list of token-id rows (one row: [ids])"
+                             ) from None
         check_prompts(self.cfg, rows)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids, mask = pad_batch(rows, pad)

@@ -267,6 +267,14 @@ def _markdown(rows: list[dict[str, Any]], w: dict[str, Any], hw: Any,
     return "\n".join(out) + "\n"
 
 
+def _device_kind(m: Any) -> str:
+    """'process' or 'thread' for a split scheme's device; '' for a scheme without one."""
+    device = getattr(getattr(m.session, "ops", None), "device", None)
+    if device is None:
+        return ""
+    return "process" if device.proc is not None else "thread"
+
+
 def defaults_worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[str, Any]:
     """DEFAULT_ROWS as a user gets them (no pinning, no thread settings; alternated repeats), then
     THREAD_ROW alone with plain beside it — a thread device slows a plain model in the same
@@ -274,10 +282,7 @@ def defaults_worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0)),
                            "schemes": {}}
 
-    def measure(models: dict[str, Any], ref: list[int] | None) -> list[int]:
-        plain = models.get("plain")
-        ids = (plain.encode(prompt) if plain is not None and plain.tokenizer is not None
-               else [1, 2, 3, 4, 5, 6])
+    def measure(models: dict[str, Any], ids: list[int], ref: list[int] | None) -> list[int]:
         for label, m in models.items():
             m.generate(ids, max_new_tokens=4, ignore_eos=True)
             placement = getattr(m.session, "placement", None)
@@ -286,8 +291,7 @@ def defaults_worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[
             out["schemes"].setdefault(label, {
                 "same_tokens_as_plain": tokens == ref,
                 "placement": placement.describe() if placement is not None else "",
-                "device": getattr(getattr(m.session, "ops", None), "device", None) is not None
-                and ("process" if m.session.ops.device.proc is not None else "thread"),
+                "device": _device_kind(m),
                 "decode_tokens_per_s": [], "prefill_s": []})
         for _ in range(repeats):
             for label, m in models.items():
@@ -297,13 +301,16 @@ def defaults_worker(model_name: str, repeats: int, n: int, prompt: str) -> dict[
         return ref
 
     models = {label: veil.load(model_name, scheme=s, **opts) for label, s, opts in DEFAULT_ROWS}
-    ref = measure(models, None)
+    # one prompt for every row: the thread row is measured alone, and its tokens are compared
+    # with plain's on the same ids
+    ids = (models["plain"].encode(prompt) if models["plain"].tokenizer is not None
+           else [1, 2, 3, 4, 5, 6])
+    ref = measure(models, ids, None)
     models["loro"].close()
     label, s, opts = THREAD_ROW
     thread = veil.load(model_name, scheme=s, **opts)
     out["schemes"]["plain"]["beside_thread_device"] = []
-    measure({label: thread}, ref)
-    ids = models["plain"].encode(prompt) if models["plain"].tokenizer is not None else [1, 2, 3]
+    measure({label: thread}, ids, ref)
     for _ in range(repeats):
         out["schemes"]["plain"]["beside_thread_device"].append(
             models["plain"].generate(ids, max_new_tokens=n, ignore_eos=True).cost.decode_tokens_per_s)

@@ -70,9 +70,10 @@ class DeviceOptions(SchemeOptions):
             return None
         return choose(self.device_threads, self.device_cpus, self.wait)
 
-    def start(self, weights: dict[str, torch.Tensor] | Path | None, mode: str
-              ) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
-        p = self.placement(mode)
+    def start(self, weights: dict[str, torch.Tensor] | Path | None, mode: str,
+              p: Placement | None) -> tuple[DeviceHandle, Callable[[str], torch.Tensor]]:
+        """Start the device in `mode` with placement `p` (`placement(mode)`: chosen once, so
+        the device and the session's enclave threads agree)."""
         if p is None:
             return start_device(weights, mode, self.record_view)
         return start_device(weights, mode, self.record_view, p.device_threads,
@@ -128,9 +129,9 @@ def start_session(scheme: str, cfg: Any, options: DeviceOptions, mode: str,
     device = None
     done = False
     try:
-        device, weight_of = options.start(device_weights, mode)
-        session = TeeSession(scheme, cfg, build(device, weight_of), owned,
-                             options.placement(mode))
+        placement = options.placement(mode)
+        device, weight_of = options.start(device_weights, mode, placement)
+        session = TeeSession(scheme, cfg, build(device, weight_of), owned, placement)
         done = True
         return session
     finally:
