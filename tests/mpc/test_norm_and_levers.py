@@ -68,12 +68,21 @@ def test_vanilla_paper_gives_vanillas_tokens():
     assert paper == vanilla == m.generate(prompt, max_new_tokens=4, ignore_eos=True).token_ids
 
 
-def test_local_truncation_keeps_the_tokens():
-    m = veil.load("tiny-gpt2")
-    prompt = [3, 17, 99, 5]
-    r = simulate(m.cfg, params_of(m.cfg, m.ops.w), prompt, 4, MpcConfig(trunc_msb=True))
-    assert r.tokens == m.generate(prompt, max_new_tokens=4, ignore_eos=True).token_ids
+def test_local_truncation_error_over_a_generation():
+    """trunc_msb (SPU's local truncation) keeps plain's tokens on a tiny model, and the bench
+    that measures its error over a generation reports it against plain's own step logits."""
+    from veil.bench.mpc_error import markdown, measure
+
+    r = measure("tiny-gpt2", 4)
     assert MpcConfig(trunc_msb=True).runtime_config().trunc_allow_msb_error
+    for key in ("off", "on"):
+        run = r["runs"][key]
+        assert run["same_tokens"] and run["first_diff"] is None
+        assert len(run["per_step_max_abs_logit_err"]) == 4
+        assert run["max_abs_logit_err"] < 1e-2, run
+    assert r["max_abs_on_vs_off"] < 1e-2
+    md = markdown({"when": "today", "machine": "cpu"}, [r])
+    assert "| tiny" in md and "True / True" in md
 
 
 def test_bad_lever_settings():

@@ -335,6 +335,7 @@ def compose(parties: list[dict[str, Any]], msl: int) -> dict[str, Any]:
     out["total_s"] = sum(r["seconds"] for r in out["categories"].values())
     out["total_bytes"] = sum(r["send_bytes"] for r in out["categories"].values())
     out["total_rounds"] = sum(r["send_actions"] for r in out["categories"].values())
+    out["norm_range"] = parties[1].get("norm_range")
     return out
 
 
@@ -552,6 +553,19 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              else "(MSL − 5) × median measured decode step")
     intro = [f"Composed per generation (prefix 4, greedy, batch 1): prompt step + {steps} "
              "(+ MERGE's LM head once). " + _UNITS]
+    stale = sorted({f"{r['contender']} @ {r['msl']}" for r in rows if not r.get("norm_range")})
+    if stale:
+        # rows from before the per-model norm calibration (veil/mpc/calibration.py) ran every
+        # contender's norms in the range-reduced form, with SPU's profiling on while timed
+        which = ("every row" if len(stale) == len({(r["contender"], r["msl"]) for r in rows})
+                 else ", ".join(stale))
+        intro.append("**Measured before the per-model norm calibration** (" + which
+                     + "): every norm in the four-regime range-reduced form and SPU's profiling "
+                     "on while timed, which inflates the norm column and the contenders with "
+                     "norms (vanilla, only-ER) — at MSL 128 the reduced form alone costs vanilla "
+                     "1.24× (benchmarks/results/mpc_fused.md, which has the current method and "
+                     "the figures to quote). Read these rows for the categories' proportions "
+                     "between MERGE's parts, not for the speed-ups.")
     cats = ("embedding", "linear", "attention", "norm", "activation", "sampling")
 
     def cells(r: dict[str, Any]) -> tuple[list[str], list[str]]:

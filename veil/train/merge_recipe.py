@@ -48,7 +48,7 @@ class MergeRecipe:
     noise: float = 0.75             # uniform input noise, in units of the embedding table's RMS
     dropout: float = 0.6            # dropout on the input embeddings
     # measured on the 4-layer CPU cut: 60 steps at 1e-4 left stage 1 at perplexity ~49 000;
-    # these reach ~840 (benchmarks/results/merge_quality.md)
+    # these reach ~840 on the 4-layer cut (benchmarks/results/merge_quality.md)
     stage1: TrainSettings = field(default_factory=lambda: TrainSettings(steps=150, lr=5e-4))
     stage2: TrainSettings = field(default_factory=lambda: TrainSettings(steps=200, lr=5e-4))
     corpus: str = "shakespeare"
