@@ -20,6 +20,7 @@ import datetime
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,9 @@ def measure(model: str, new_tokens: int, prompt_tokens: int = PROMPT_TOKENS) -> 
     params = params_of(m.cfg, m.ops.w)
     runs: dict[str, dict[str, Any]] = {}
     logits: dict[str, list[np.ndarray]] = {}
+    base = resolve(MpcConfig(), m.cfg, m.ops.w)     # the norm calibration, once for both runs
     for key, trunc in (("off", False), ("on", True)):
-        mc = resolve(MpcConfig(trunc_msb=trunc), m.cfg, m.ops.w)
+        mc = replace(base, trunc_msb=trunc)
         t0 = time.perf_counter()
         r = simulate(m.cfg, params, prompt, new_tokens, mc, reveal_logits=True)
         logits[key] = [np.asarray(x, dtype=np.float64).reshape(-1) for x in r.logits]
