@@ -100,8 +100,10 @@ LORO = Scheme(
     options=LoroOptions, artifact_options=LoroRunOptions,
     support=SUPPORT,
     # the device's float32 products carry terms ~(1+mask_ratio)(1+pad_ratio) ≈ 42× larger than
-    # the result: ~1e-5 on the tiny presets, measured 2e-3 on the default model
-    tolerance=Tolerance(tiny=1e-4, default=5e-3),
+    # the result: ~1e-5 on the tiny presets; on the default model 1.7e-3–5.9e-3 over draws of
+    # the secrets and prompts (benchmarks/results/loro_error.md), so 1e-2 leaves a margin over
+    # the tail rather than over one draw (5e-3 failed one draw in CI)
+    tolerance=Tolerance(tiny=1e-4, default=1e-2),
     open=_open, protect=_protect, open_protected=_open_protected,
     placement=(
         Placement("embedding lookup", "device + enclave", "token ids", "E' = E + γ(BA)ᵀ",
