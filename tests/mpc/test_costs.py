@@ -92,7 +92,14 @@ def test_fused_rows_time_without_profiling_over_a_relay(tmp_path):
         ("vanilla", 2, "plain (×2^4)"), ("vanilla-paper", 2, "plain (×2^4)")]
     assert rows[1]["total_rounds"] > rows[0]["total_rounds"]       # the vocabulary softmax
     assert all(r["min"] <= r["total_s"] <= r["max"] for r in rows)
-    assert "projected WAN s" in paths[1].read_text()
+    # alternated round by round, each run's host speed recorded, the speed-up paired by round
+    assert all(r["alternated_with"] == ["vanilla", "vanilla-paper"] for r in rows)
+    assert all(len(r["probe_ms_runs"]) == 2 and r["probe_ms"] > 0 for r in rows)
+    pv = rows[1]["paired_vs_vanilla"]
+    runs = [v / x for v, x in zip(rows[0]["total_s_runs"], rows[1]["total_s_runs"])]
+    assert pv["min"] == min(runs) and pv["max"] == max(runs)
+    table = paths[1].read_text()
+    assert "projected WAN s" in table and f"**{pv['median']:.2f}×**" in table
 
 
 @pytest.fixture(scope="module")

@@ -467,6 +467,11 @@ def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "its timed runs, each two fresh party processes. Bytes and rounds come from a "
              "separate profiled run on loopback (they do not depend on the network). Seconds are "
              "the client's clock; GB both parties' sends; rounds the busier party's send actions. "
+             "**Bold** speed-ups come from runs alternated with vanilla's (vanilla, then the "
+             "contender, round after round; median and range of the rounds' ratios): this "
+             "machine's speed moves several-fold between hours, so only those compare like with "
+             "like. The others divide rows timed at different hours; `host probe ms` (a fixed CPU "
+             "workload timed before each run, median; lower is faster) shows how far apart. "
              "Norms take the form the model's public calibration asks for "
              "(veil/mpc/calibration.py): `plain` (one rsqrt) for these GPT-2 shapes.", "",
              "Contenders: `vanilla` — one-hot × table embedding, real softmax attention with a KV "
@@ -487,7 +492,7 @@ def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                   ""]
         head = ["MSL", "contender", "total s", "min–max", "runs", "vs vanilla", "vs vanilla-paper",
                 "GB", "% of vanilla comm", "rounds", "prompt step s", "later decode step s",
-                "head s"]
+                "head s", "host probe ms", "measured"]
         head += (["projected LAN s", "projected WAN s"] if net == "loopback"
                  else ["projected from loopback s", "measured / projected"])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -496,6 +501,9 @@ def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                    for c in ("vanilla", "vanilla-paper")}
             vs = [f"{ref[c]['total_s'] / r['total_s']:.2f}×" if ref[c] else "–"
                   for c in ("vanilla", "vanilla-paper")]
+            paired = r.get("paired_vs_vanilla")
+            if paired:       # from runs alternated with vanilla's: median (min–max) of the rounds
+                vs[0] = f"**{paired['median']:.2f}×** ({paired['min']:.2f}–{paired['max']:.2f})"
             v = ref["vanilla"]
             comm = f"{100 * r['total_bytes'] / v['total_bytes']:.1f}%" if v else "–"
             m = r["measured"]
@@ -503,7 +511,8 @@ def markdown_fused(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             cells = [str(r["msl"]), r["contender"], f"{r['total_s']:.1f}",
                      f"{lo:.1f}–{hi:.1f}", str(r.get("repeats", 1)), *vs,
                      f"{r['total_bytes'] / 1e9:.2f}", comm, f"{int(r['total_rounds'])}",
-                     f"{m['prompt_step_s']:.2f}", f"{m['decode_step_s']:.2f}", f"{m['head_s']:.1f}"]
+                     f"{m['prompt_step_s']:.2f}", f"{m['decode_step_s']:.2f}", f"{m['head_s']:.1f}",
+                     f"{r['probe_ms']:.0f}" if "probe_ms" in r else "–", r.get("when", "–")]
             if net == "loopback":
                 proj = r.get("projection")
                 cells += [f"{proj[n]:.0f}" if proj else "–" for n in ("lan", "wan")]
@@ -577,34 +586,74 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                    cells)
 
 
-def _fused_row(contender: str, msl: int, network: str, lever: str, repeats: int,
-               decode_steps: int, base: str, weight_cache: bool,
-               counts: dict[str, Any] | None) -> dict[str, Any]:
-    """One row of mpc_fused: `repeats` timed runs (profiling off) over `network`, with bytes and
-    rounds from `counts` (a profiled loopback run's composition; made here when None)."""
-    kw = dict(base=base, weight_cache=weight_cache, fused=True,
-              trunc_msb=lever == "trunc-msb",
-              norm_range="reduced" if lever == "reduced-norm" else "auto")
+def host_probe_ms() -> float:
+    """A fixed CPU workload's time (ms, median of 3; SHA-256 over 4 MiB and a Python loop): this
+    machine's speed moves several-fold between hours, so every timed run records it — rows timed
+    in different hours can then be told apart, and ratios are taken between runs measured side by
+    side (alternated), not between rows."""
+    import hashlib
+
+    data = bytes(4 << 20)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        sum(i * i for i in range(200_000))
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _fused_kw(base: str, weight_cache: bool, lever: str) -> dict[str, Any]:
+    return dict(base=base, weight_cache=weight_cache, fused=True, trunc_msb=lever == "trunc-msb",
+                norm_range="reduced" if lever == "reduced-norm" else "auto")
+
+
+def _fused_rows(contenders: list[str], msl: int, network: str, lever: str, repeats: int,
+                decode_steps: int, base: str, weight_cache: bool,
+                counts: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The rows of mpc_fused for `contenders` at one MSL: each contender's bytes and rounds from
+    `counts[c]` (a profiled loopback run's composition; made here when None), then `repeats`
+    rounds of timed runs (profiling off) over `network`, the contenders alternated within each
+    round so that the speed-ups between them come from runs made side by side (`paired`: each
+    contender's time over vanilla's in the same round, median and range)."""
+    kw = _fused_kw(base, weight_cache, lever)
     if lever == "full":                  # every step once: the composition check
-        parties = measure(contender, msl, msl - PREFIX - 1, profile=False, **kw)
-        c = compose_fused(parties, msl, sample=decode_steps)
-        return {"msl": msl, "contender": contender, "network": network, "lever": lever,
-                "repeats": 1, "min": c["total_s"], "max": c["total_s"], **c}
-    if counts is None:
-        counts = compose_fused(measure(contender, msl, decode_steps, profile=True, **kw), msl)
+        rows = []
+        for c in contenders:
+            parties = measure(c, msl, msl - PREFIX - 1, profile=False, **kw)
+            comp = compose_fused(parties, msl, sample=decode_steps)
+            rows.append({"msl": msl, "contender": c, "network": network, "lever": lever,
+                         "repeats": 1, "min": comp["total_s"], "max": comp["total_s"], **comp})
+        return rows
+    counts = {c: counts.get(c) or compose_fused(measure(c, msl, decode_steps, profile=True, **kw),
+                                                 msl) for c in contenders}
     link = PROFILES.get(network)
-    runs = [compose_fused(measure(contender, msl, decode_steps, profile=False, link=link, **kw),
-                          msl) for _ in range(repeats)]
-    runs.sort(key=lambda r: r["total_s"])
-    med = runs[len(runs) // 2]
-    row = {"msl": msl, "contender": contender, "network": network, "lever": lever,
-           "repeats": len(runs), "total_s": statistics.median(r["total_s"] for r in runs),
-           "min": runs[0]["total_s"], "max": runs[-1]["total_s"],
-           "total_s_runs": [r["total_s"] for r in runs], "measured": med["measured"],
-           "norm_range": med["norm_range"], "counts_from": "profiled loopback run"}
-    for k in ("total_bytes", "busier_bytes", "total_rounds"):
-        row[k] = counts[k]
-    return row
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
+    for _ in range(repeats):
+        for c in contenders:
+            probe = host_probe_ms()
+            r = compose_fused(measure(c, msl, decode_steps, profile=False, link=link, **kw), msl)
+            runs[c].append({**r, "probe_ms": probe})
+    rows = []
+    for c in contenders:
+        ordered = sorted(runs[c], key=lambda r: r["total_s"])
+        med = ordered[len(ordered) // 2]
+        row = {"msl": msl, "contender": c, "network": network, "lever": lever,
+               "repeats": len(ordered), "total_s": statistics.median(r["total_s"] for r in ordered),
+               "min": ordered[0]["total_s"], "max": ordered[-1]["total_s"],
+               "total_s_runs": [r["total_s"] for r in runs[c]],
+               "probe_ms_runs": [r["probe_ms"] for r in runs[c]],
+               "probe_ms": statistics.median(r["probe_ms"] for r in runs[c]),
+               "measured": med["measured"], "norm_range": med["norm_range"],
+               "counts_from": "profiled loopback run", "alternated_with": contenders}
+        if "vanilla" in runs and c != "vanilla":
+            ratios = sorted(v["total_s"] / x["total_s"] for v, x in zip(runs["vanilla"], runs[c]))
+            row["paired_vs_vanilla"] = {"median": statistics.median(ratios), "min": ratios[0],
+                                        "max": ratios[-1]}
+        for k in ("total_bytes", "busier_bytes", "total_rounds"):
+            row[k] = counts[c][k]
+        rows.append(row)
+    return rows
 
 
 def _project(rows: list[dict[str, Any]]) -> None:
@@ -654,27 +703,31 @@ def run(msls: tuple[int, ...] = MSLS, variants: tuple[str, ...] | None = None,
         old = json.loads((out / f"{stem}.json").read_text())
         rows = [{"when": old["meta"]["when"], **r} for r in old["rows"]]
     order = {c: i for i, c in enumerate(FUSED_CONTENDERS)}
-    for msl in msls:
-        for variant in variants:
-            if fused:
-                twin = next((r for r in rows if _key(r) == (msl, variant, "loopback", lever)
-                             and "busier_bytes" in r), None) if network != "loopback" else None
-                row = _fused_row(variant, msl, network, lever, repeats, decode_steps, base,
-                                 weight_cache, twin)
-            else:
-                parties = measure(variant, msl, decode_steps, base=base,
-                                  weight_cache=weight_cache)
-                row = {"msl": msl, "contender": variant, **compose(parties, msl), "raw": parties}
-            row.update(vocab=cfg_vocab(base), when=meta["when"])
+    def keep(new: list[dict[str, Any]]) -> None:
+        nonlocal rows
+        for row in new:
+            row.update(vocab=cfg_vocab(base), when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             rows = [r for r in rows if _key(r) != _key(row)]
             rows.append(row)
-            rows.sort(key=lambda r: (NETWORKS.index(r.get("network", "loopback")),
-                                     r.get("lever", ""), r["msl"], order.get(r["contender"], 99)))
-            if fused:
-                _project(rows)
-            # written after every contender: a long sweep keeps what it measured
-            (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-            (out / f"{stem}.md").write_text(render(rows, meta))
+        rows.sort(key=lambda r: (NETWORKS.index(r.get("network", "loopback")),
+                                 r.get("lever", ""), r["msl"], order.get(r["contender"], 99)))
+        if fused:
+            _project(rows)
+        # written after every MSL (eager: every contender): a long sweep keeps what it measured
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / f"{stem}.md").write_text(render(rows, meta))
+
+    for msl in msls:
+        if fused:
+            twins = {v: next((r for r in rows if _key(r) == (msl, v, "loopback", lever)
+                              and "busier_bytes" in r), None) if network != "loopback" else None
+                     for v in variants}
+            keep(_fused_rows(list(variants), msl, network, lever, repeats, decode_steps, base,
+                             weight_cache, twins))
+            continue
+        for variant in variants:
+            parties = measure(variant, msl, decode_steps, base=base, weight_cache=weight_cache)
+            keep([{"msl": msl, "contender": variant, **compose(parties, msl), "raw": parties}])
     return [out / f"{stem}.json", out / f"{stem}.md"]
 
 
