@@ -143,7 +143,8 @@ MERGE = Scheme(
            "client) 3.9× faster than vanilla on loopback and 8.6× (9.4× against the paper's "
            "vanilla) over a 100 Mbps / 20 ms WAN (vanilla projected from measured rounds and "
            "bytes, the projection within 5% of measured LAN/WAN runs); 2.85× / 7.2× with tokens "
-           "only; the paper's 26.5× at 512 is not reached (see [docs/merge.md](docs/merge.md))",
+           "only; the paper's 26.5× at 512 is not reached: 3.24× with tokens only, measured "
+           "side by side (see [docs/merge.md](docs/merge.md))",
     options=MpcOptions, support=SUPPORT, tolerance=_FXP, open=_opener("merge"),
     check_model=_check_merge_model,
     placement=(
