@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from veil.bench import split_argv
+
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PROMPTS = ("The quick brown fox jumps over the lazy dog because",
            "Alice shared her medical history with the assistant:",
@@ -141,7 +143,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["table"]:
         print(*rerender(), sep="\n")
         sys.exit(0)
-    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    args, opts = split_argv(sys.argv[1:])
     for p in run(args[0] if args else "default", int(opts.get("draws", 16))):
         print(p)

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from veil.bench import split_argv
 from veil.errors import ConfigError, ProtocolAbort, VeilError
 from veil.model import zoo
 from veil.model.config import PRESETS, ModelConfig
@@ -748,8 +749,7 @@ if __name__ == "__main__":
     else:
         # python -m veil.bench.mpc [MSLS [CONTENDERS]] [--fused] [--update] [--no-weight-cache]
         #                          [--repeats=N] [--network=lan|wan] [--lever=trunc-msb|...]
-        opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-        args = [a for a in sys.argv[1:] if not a.startswith("--")]
+        args, opts = split_argv(sys.argv[1:])
         msls = tuple(int(x) for x in args[0].split(",")) if args else MSLS
         variants = tuple(args[1].split(",")) if len(args) > 1 else None
         for p in run(msls, variants, weight_cache="--no-weight-cache" not in sys.argv,

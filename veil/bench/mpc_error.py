@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from veil.bench import split_argv
+
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PROMPT_TOKENS = 8
 
@@ -156,7 +158,6 @@ def run(models: list[str], new_tokens: int, out_dir: Path = RESULTS) -> list[Pat
 
 
 if __name__ == "__main__":
-    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    args, opts = split_argv(sys.argv[1:])
     for p in run(args[0].split(",") if args else ["default"], int(opts.get("new-tokens", 24))):
         print(p)
